@@ -1,0 +1,34 @@
+"""diralign: directional convergence and alignment in deep learning (Ji & Telgarsky 2020).
+
+    python -c "import diralign; print(diralign.__all__)"
+"""
+
+from .errors import UserError
+from .losses import (
+    cross_entropy_log_risk,
+    log_logistic_loss,
+    log_risk,
+    multiclass_margins,
+    smoothed_margin,
+)
+from .maxmargin import hard_margin_svm, svm_sklearn
+from .models import DeepLinear, LinearModel, homogeneity_degree
+from .problem import Problem
+from .runner import resume_run, start_run
+
+__all__ = [
+    "DeepLinear",
+    "LinearModel",
+    "Problem",
+    "UserError",
+    "cross_entropy_log_risk",
+    "hard_margin_svm",
+    "homogeneity_degree",
+    "log_logistic_loss",
+    "log_risk",
+    "multiclass_margins",
+    "resume_run",
+    "smoothed_margin",
+    "start_run",
+    "svm_sklearn",
+]

@@ -1,0 +1,133 @@
+"""The diralign command line.
+
+    diralign run deep-linear --out runs/dl --set target_ln_n_over_L=1000
+    diralign resume runs/dl
+    diralign plot runs/dl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are the project's one-line errors (exit status 2)."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    parser = _Parser(
+        prog="diralign",
+        description="Directional convergence and alignment (Ji & Telgarsky 2020): train to tiny risk, measure, plot.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run an experiment to its goals and write a run directory")
+    run.add_argument("experiment", help="one of: " + ", ".join(sorted(EXPERIMENTS)))
+    run.add_argument("--out", help="run directory (default: runs/EXPERIMENT-TIMESTAMP)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    run.add_argument("--force", action="store_true", help="replace an existing run directory at --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    run.add_argument("--download", action="store_true", help="download datasets that are missing (needs internet)")
+    run.add_argument("--no-plot", action="store_true", help="do not draw figures at the end")
+
+    resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    resume.add_argument("dir")
+    resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--no-plot", action="store_true")
+
+    plot = sub.add_parser("plot", help="draw the figures of a run directory")
+    plot.add_argument("dir")
+
+    show = sub.add_parser("config", help="print an experiment's default config (the keys --set accepts)")
+    show.add_argument("experiment")
+    return parser
+
+
+def _default_out(experiment: str) -> str:
+    import time
+
+    return f"runs/{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _print_summary(summary: dict, out) -> None:
+    keys = ("ln_n_over_L", "min_normalized_margin", "alignment_cos", "path_length", "train_accuracy", "grad_evals", "wall_seconds")
+    parts = [f"{k}={summary[k]:.6g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}" for k in keys]
+    print(f"{out}: " + " ".join(parts), flush=True)
+
+
+def _plot(out, quiet: bool) -> None:
+    from .plots import plot_run
+
+    paths = plot_run(out)
+    if not quiet:
+        print(f"figures: {len(paths)} files in {out}", flush=True)
+
+
+def dispatch(args) -> int:
+    from . import runner
+    from .trainer import Interrupted
+
+    distributed = None
+    if getattr(args, "command", None) in ("run", "resume"):
+        from .distributed import maybe_init
+
+        distributed = maybe_init(args)
+    try:
+        if args.command == "run":
+            out = args.out or _default_out(args.experiment)
+            overrides = list(args.overrides)
+            if args.download:
+                overrides.append("download=true")
+            summary, _, _ = runner.start_run(args.experiment, overrides, out, force=args.force, quiet=args.quiet, distributed=distributed)
+        elif args.command == "resume":
+            out = args.dir
+            summary, _, _ = runner.resume_run(out, quiet=args.quiet, distributed=distributed)
+        elif args.command == "plot":
+            from .plots import plot_run
+
+            for path in plot_run(args.dir):
+                print(path)
+            return 0
+        elif args.command == "config":
+            import dataclasses
+            from .experiments import get_experiment
+
+            for field in dataclasses.fields(get_experiment(args.experiment).Config):
+                print(f"{field.name} = {getattr(get_experiment(args.experiment).default_config(), field.name)!r}")
+            return 0
+        else:  # pragma: no cover - argparse guards this
+            raise UserError(f"unknown command {args.command}")
+    except Interrupted as exc:
+        print(f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}", file=sys.stderr)
+        return 130
+    is_writer = distributed is None or distributed.rank == 0
+    if is_writer:
+        if not args.quiet:
+            _print_summary(summary, out)
+        if not args.no_plot:
+            _plot(out, args.quiet)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return dispatch(_parser().parse_args(argv))
+    except UserError as exc:
+        print(f"diralign: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diralign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Data sources: seeded synthetic sets, user ``.npz`` files, image sets."""
+
+from .npz import load_npz, validate_binary, validate_features
+from .separable import separable_gaussian
+
+__all__ = ["load_npz", "separable_gaussian", "validate_binary", "validate_features"]

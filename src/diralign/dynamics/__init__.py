@@ -1,0 +1,26 @@
+"""Dynamics registry: ``make_dynamics(problem, config)`` picks by ``config.dynamics``."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import Dynamics, StepResult
+from .flow import Dopri5Flow
+from .gd import NormalizedGD
+
+DYNAMICS = {"flow": Dopri5Flow, "gd": NormalizedGD}
+FLOW_INTEGRATORS = {"dopri5": Dopri5Flow}
+
+
+def make_dynamics(problem, config) -> Dynamics:
+    name = config.dynamics
+    if name == "flow":
+        integrator = getattr(config, "integrator", "dopri5")
+        if integrator not in FLOW_INTEGRATORS:
+            raise UserError(f"unknown integrator {integrator!r}; choose one of {', '.join(FLOW_INTEGRATORS)}")
+        return FLOW_INTEGRATORS[integrator](problem, config)
+    if name not in DYNAMICS:
+        raise UserError(f"unknown dynamics {name!r}; choose one of {', '.join(DYNAMICS)}")
+    return DYNAMICS[name](problem, config)
+
+
+__all__ = ["DYNAMICS", "FLOW_INTEGRATORS", "Dynamics", "StepResult", "make_dynamics"]

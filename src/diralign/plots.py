@@ -1,0 +1,138 @@
+"""Figures from a run directory, never from live state.
+
+    diralign plot runs/deep-linear
+
+Common figures for every run: the instrument panel against ``ln(n/L)`` (margins,
+alignment, path length, angle to the final direction, per-layer shares) and the
+paper's Fig. 2-style margin plot.  Experiments may add their own (``Experiment.plot``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .store import read_array_log
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_log(run_dir):
+    import pandas as pd
+
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no log.csv; is it a diralign run directory?")
+    return pd.read_csv(path)
+
+
+def save(fig, out_dir: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(out_dir) / f"{stem}.{ext}"
+        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def plot_curves(run_dir, out_dir=None) -> list[Path]:
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    log = read_log(run_dir)
+    x = log["ln_n_over_L"].to_numpy()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = [
+        ("min_normalized_margin", "min normalised margin $\\gamma$"),
+        ("alignment_cos", "alignment $\\cos(W, -\\nabla L)$"),
+        ("path_length", "directional path length $\\zeta$"),
+        ("normalized_smoothed_margin", "normalised smoothed margin $\\tilde\\alpha$"),
+    ]
+    for ax, (col, title) in zip(axes.flat, panels):
+        if col in log and np.isfinite(log[col]).any():
+            ax.plot(x, log[col], lw=1.5)
+        ax.set_title(title)
+        ax.set_xlabel("$\\ln(n/L)$")
+        ax.grid(alpha=0.3)
+    ax = axes.flat[4]
+    angles_path = run_dir / "angle_to_final.npy"
+    if angles_path.exists():
+        angles = np.load(angles_path)
+        m = min(len(angles), len(x))
+        ax.semilogy(x[:m], np.maximum(angles[:m], 1e-16))
+    ax.set_title("angle to final direction (rad)")
+    ax.set_xlabel("$\\ln(n/L)$")
+    ax.grid(alpha=0.3)
+    ax = axes.flat[5]
+    shares = [c for c in log.columns if c.startswith("share:")]
+    for col in shares[:12]:
+        ax.plot(x, log[col], label=col[6:])
+    if shares:
+        ax.legend(fontsize=7)
+    ax.set_title("per-layer norm share $\\|U_j\\|^2/\\|W\\|^2$")
+    ax.set_xlabel("$\\ln(n/L)$")
+    ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        ax.set_xscale("symlog", linthresh=10.0)
+    fig.tight_layout()
+    paths = save(fig, out_dir, "curves")
+    plt.close(fig)
+    return paths
+
+
+def plot_margins(run_dir, out_dir=None, max_lines: int = 2000) -> list[Path]:
+    """Paper Fig. 2/3: one line per example, coloured by final-margin rank."""
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    margins = read_array_log(run_dir, "margins")
+    if margins is None or len(margins) == 0:
+        return []
+    log = read_log(run_dir)
+    rows = min(len(margins), len(log))
+    x = log["ln_n_over_L"].to_numpy()[:rows]
+    traj = np.asarray(margins[:rows], dtype=np.float64)
+    order = np.argsort(traj[-1])
+    n = traj.shape[1]
+    if n > max_lines:  # thin out evenly in final-margin order so the plot stays legible
+        order = order[np.linspace(0, n - 1, max_lines).astype(int)]
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rank, i in enumerate(order):
+        ax.plot(x, traj[:, i], color=cmap(rank / max(len(order) - 1, 1)), lw=0.6, alpha=0.8)
+    ax.set_xlabel("$\\ln(n/L)$")
+    meta = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    degree = None
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        degree = json.loads(summary_path.read_text()).get("homogeneity_degree")
+    ax.set_ylabel("margin / $\\|W\\|^{%s}$" % degree if degree else "margin / median nonnegative margin")
+    ax.set_title(f"per-example margins ({meta.get('experiment', 'run')})")
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths = save(fig, out_dir, "margins")
+    plt.close(fig)
+    return paths
+
+
+def plot_run(run_dir, out_dir=None) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a diralign run directory (no config.json)")
+    paths = plot_curves(run_dir, out_dir) + plot_margins(run_dir, out_dir)
+    meta = json.loads((run_dir / "config.json").read_text())
+    from .experiments import get_experiment
+
+    paths += get_experiment(meta["experiment"]).plot(run_dir, Path(out_dir or run_dir))
+    return paths
