@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from .homogeneity import HomogeneityReport, declared_degree, homogeneity_degree
 from .linear import DeepLinear, LinearModel
+from .registry import MODELS, build_model, register, resolve_factory
+
+register("linear")(LinearModel)
+register("deep-linear")(DeepLinear)
 
 __all__ = [
+    "MODELS",
+    "build_model",
+    "register",
+    "resolve_factory",
     "DeepLinear",
     "HomogeneityReport",
     "LinearModel",
