@@ -36,7 +36,7 @@ def canonical_loss(loss: str) -> str:
 def log_logistic_loss(z: torch.Tensor) -> torch.Tensor:
     """``log ln(1 + e^{-z})``, accurate to a few ulps for every finite ``z``, finite gradient.
 
-    Three branches, each fed a clamped copy of ``z`` so that the branches ``torch.where``
+    Three branches, each fed a masked copy of ``z`` so that the branches ``torch.where``
     does not select stay finite (an unused ``inf`` would still turn gradients into NaN):
 
     * ``z > 0``: with ``u = e^{-z}``, ``log l = -z + log(log1p(u)/u)``; the ratio lies in
@@ -50,22 +50,29 @@ def log_logistic_loss(z: torch.Tensor) -> torch.Tensor:
       2.1, so its log is well conditioned.  (torch's softplus switches to ``t`` at
       ``t > 20``, which is off by ``e^{-20}`` relative, far more than an ulp in float64.)
     """
+    if z.dtype != torch.float64:
+        # The split constant ln(e-1) = c_hi + c_lo cannot be represented in float32, so
+        # the band branch would be off by ~1e7 ulps at the root.  This is elementwise
+        # work on n numbers (not the network), so doing it in float64 costs nothing.
+        return log_logistic_loss(z.double()).to(z.dtype)
     eps = torch.finfo(z.dtype).eps
     positive = z > 0
     negative = z < -2
 
-    z_pos = z.clamp(min=0.0)
+    # Safe inputs by torch.where, not clamp: clamp's gradient vanishes *at* the bound,
+    # which would zero the derivative at exactly z = 0 or z = -2.
+    z_pos = torch.where(positive, z, torch.ones_like(z))
     u = torch.exp(-z_pos)
     tiny = u < eps
     u_safe = torch.where(tiny, torch.full_like(u, 0.5), u)
     log_ratio = torch.where(tiny, -0.5 * u, torch.log(torch.log1p(u_safe) / u_safe))
     pos_branch = -z_pos + log_ratio
 
-    t_band = -z.clamp(min=-2.0, max=0.0)
+    t_band = -torch.where(positive | negative, -torch.ones_like(z), z)
     shifted = (t_band - _ROOT_HI) - _ROOT_LO
     band_branch = torch.log1p(torch.log1p(_ONE_MINUS_INV_E * torch.expm1(shifted)))
 
-    t_neg = -z.clamp(max=-2.0)
+    t_neg = -torch.where(negative, z, torch.full_like(z, -3.0))
     neg_branch = torch.log(t_neg + torch.log1p(torch.exp(-t_neg)))
 
     return torch.where(positive, pos_branch, torch.where(negative, neg_branch, band_branch))

@@ -18,8 +18,9 @@ from . import losses, probes
 from .config import apply_overrides, config_from_dict, config_to_dict
 from .dynamics import make_dynamics
 from .errors import UserError
-from .experiments import get_experiment
+from .experiments import Experiment, get_experiment
 from .models.homogeneity import homogeneity_degree
+from .models.structure import nonsmooth_operations
 from .store import RunDir, finite_or_none, read_array_log, versions
 from .trainer import TrainContext, TrainState, initial_state, prepare_context, train_loop
 
@@ -78,6 +79,7 @@ def assumption_report(setup, config) -> dict:
         "has_bias": has_bias,
         "has_batch_norm": batch_norm,
         "has_skip_connections": skip,
+        "nonsmooth_operations": nonsmooth_operations(model),
         "initial_log_risk": None if ev is None else ev.log_risk,
         "log_loss_at_zero": losses.log_loss_at_zero(problem.loss),
         "initially_below_loss_at_zero": None if ev is None else bool(ev.log_risk < losses.log_loss_at_zero(problem.loss)),
@@ -89,9 +91,22 @@ def format_assumptions(report: dict) -> str:
     extras = [name for key, name in (("has_bias", "biases"), ("has_batch_norm", "batch norm"), ("has_skip_connections", "skip connections")) if report[key]]
     if extras:
         lines.append("  outside Assumption 2.1 (homogeneous, definable): has " + ", ".join(extras))
+    homogeneity = report["homogeneity"]
+    if homogeneity.get("declared") is not None and homogeneity["declared"] != homogeneity.get("degree"):
+        lines.append(f"  the model declares degree {homogeneity['declared']}; the measured value above is used")
+    if not homogeneity.get("homogeneous"):
+        lines.append("  margins are normalised by the median nonnegative margin (the paper's choice for DenseNet/ResNet)")
+    kinks = report.get("nonsmooth_operations") or []
+    if kinks:
+        lines.append(
+            f"  non-smooth ({', '.join(kinks)}): Theorem 4.1's alignment wants locally Lipschitz gradients; "
+            "Theorem 3.1 (directional convergence) does not"
+        )
     if report["initially_below_loss_at_zero"] is not None:
-        state = "holds" if report["initially_below_loss_at_zero"] else "does not hold yet (the run logs when it first does)"
+        state = "holds" if report["initially_below_loss_at_zero"] else "does not hold yet (the summary records when it first does)"
         lines.append(f"  Assumption 2.3 (L(W0) < l(0)) at start: {state}")
+    if extras or not homogeneity.get("homogeneous") or report["initially_below_loss_at_zero"] is False:
+        lines.append("  training anyway: where an assumption fails, the numbers are measurements, not the theorems' guarantees")
     return "\n".join(lines)
 
 
@@ -120,21 +135,33 @@ class Progress:
             self.bar.close()
 
 
-def build(experiment_name: str, config):
-    experiment = get_experiment(experiment_name)
+def _experiment(spec) -> Experiment:
+    """A registry name, or an Experiment instance (the Python API's in-memory runs)."""
+    return spec if isinstance(spec, Experiment) else get_experiment(spec)
+
+
+def build(experiment_name, config):
+    experiment = _experiment(experiment_name)
     dtype, device = resolve_dtype_device(config)
     apply_runtime_settings(config)
     setup = experiment.setup(config, dtype, device)
+    problem = setup.problem
+    if int(config.threads) == 0 and problem.device.type == "cpu" and problem.dim * problem.X.shape[0] < 2_000_000:
+        # Tiny problems (deep linear, small nets): one gradient costs tens of
+        # microseconds, less than waking a second BLAS/OpenMP thread; and on a shared
+        # machine spinning threads make every evaluation wait on the slowest core.
+        torch.set_num_threads(1)
     return experiment, setup
 
 
-def start_run(experiment_name: str, overrides: list[str], out, force: bool = False, quiet: bool = False, distributed=None):
-    experiment = get_experiment(experiment_name)
+def start_run(experiment_name, overrides: list[str], out, force: bool = False, quiet: bool = False, distributed=None):
+    experiment = _experiment(experiment_name)
+    experiment_name = experiment.name
     config = apply_overrides(experiment.default_config(), overrides)
     is_writer = distributed is None or distributed.rank == 0
     store = RunDir.create(out, force=force) if is_writer else None
     try:
-        experiment, setup = build(experiment_name, config)
+        experiment, setup = build(experiment, config)
     except Exception:
         if store is not None and not any(p for p in store.path.iterdir()):
             store.path.rmdir()
@@ -163,15 +190,17 @@ def start_run(experiment_name: str, overrides: list[str], out, force: bool = Fal
     return _run(experiment, setup, config, store, state, quiet, experiment_name, distributed)
 
 
-def resume_run(path, quiet: bool = False, distributed=None):
+def resume_run(path, quiet: bool = False, distributed=None, experiment=None):
     path = Path(path)
     is_writer = distributed is None or distributed.rank == 0
     store = RunDir.open_existing(path)
     meta = store.read_json("config.json")
     payload = store.load_checkpoint()
-    experiment = get_experiment(meta["experiment"])
+    if experiment is not None and experiment.name != meta["experiment"]:
+        raise UserError(f"{path} is a {meta['experiment']!r} run, not {experiment.name!r}")
+    experiment = experiment if experiment is not None else get_experiment(meta["experiment"])
     config = config_from_dict(experiment.Config, meta["config"])
-    experiment, setup = build(meta["experiment"], config)
+    experiment, setup = build(experiment, config)
     if distributed is not None:
         distributed.attach(setup, config)
     problem = setup.problem
@@ -200,7 +229,7 @@ def _run(experiment, setup, config, store, state, quiet, experiment_name, distri
         callbacks=experiment.callbacks(setup, config),
         quiet=quiet,
         is_writer=store is not None,
-        sync_check=None if distributed is None else distributed.check_in_sync,
+        distributed=distributed,
     )
     prepare_context(ctx)
     if store is not None:
