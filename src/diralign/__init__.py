@@ -3,6 +3,7 @@
     python -c "import diralign; print(diralign.__all__)"
 """
 
+from .api import Run, load_run, probe, resume, train
 from .errors import UserError
 from .losses import (
     cross_entropy_log_risk,
@@ -20,15 +21,20 @@ __all__ = [
     "DeepLinear",
     "LinearModel",
     "Problem",
+    "Run",
     "UserError",
     "cross_entropy_log_risk",
     "hard_margin_svm",
     "homogeneity_degree",
     "log_logistic_loss",
+    "load_run",
     "log_risk",
     "multiclass_margins",
+    "probe",
+    "resume",
     "resume_run",
     "smoothed_margin",
     "start_run",
     "svm_sklearn",
+    "train",
 ]

@@ -3,6 +3,7 @@
     diralign run deep-linear --out runs/dl --set target_ln_n_over_L=1000
     diralign resume runs/dl
     diralign plot runs/dl
+    diralign verify --quick --json verify.json
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("config", help="print an experiment's default config (the keys --set accepts)")
     show.add_argument("experiment")
+
+    verify = sub.add_parser("verify", help="check the paper's theorems on seeded runs against independent references")
+    verify.add_argument("--quick", action="store_true", help="short runs (about 3 minutes on 2 cores)")
+    verify.add_argument("--json", metavar="FILE", help="also write the verdict table as JSON")
+    verify.add_argument("--keep", metavar="DIR", help="keep the runs' directories here (default: a temporary folder)")
+    verify.add_argument("--force", action="store_true", help="with --keep: replace runs already in DIR")
+    verify.add_argument("--jobs", type=int, default=2, help="cases run side by side (default 2)")
+    verify.add_argument("--only", metavar="CASES", help="comma-separated cases (deep-linear,srelu,relu,fig1,h-alexnet,counterexample)")
+    verify.add_argument("--quiet", action="store_true", help="print only the table")
     return parser
 
 
@@ -96,6 +106,10 @@ def dispatch(args) -> int:
             for path in plot_run(args.dir):
                 print(path)
             return 0
+        elif args.command == "verify":
+            from .verify import main as verify_main
+
+            return verify_main(args)
         elif args.command == "config":
             import dataclasses
             from .experiments import get_experiment
@@ -106,7 +120,8 @@ def dispatch(args) -> int:
         else:  # pragma: no cover - argparse guards this
             raise UserError(f"unknown command {args.command}")
     except Interrupted as exc:
-        print(f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}", file=sys.stderr)
+        if distributed is None or distributed.rank == 0:  # one message for all ranks
+            print(f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}", file=sys.stderr)
         return 130
     is_writer = distributed is None or distributed.rank == 0
     if is_writer:

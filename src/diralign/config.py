@@ -26,9 +26,12 @@ class TrainConfig:
     loss: str = "logistic"
     # dynamics: flow (error-controlled gradient flow), gd (normalised GD), sgd, loss-based
     dynamics: str = "flow"
-    integrator: str = "dopri5"  # flow integrator
+    integrator: str = "dopri5"  # flow integrator: cvode (BDF, stiff-aware) or dopri5 (explicit reference)
     rtol: float = 1e-7
     atol: float = 1e-10
+    cvode_segment: float = 1.0  # cvode: segment length as a fraction of s (restart + resume granularity)
+    cvode_jacobian: str = "hvp"  # cvode: J*v from Hessian-vector products (hvp) or difference quotients (dq)
+    cvode_krylov_dim: int = 20  # cvode: GMRES Krylov dimension
     eta: float = 1.0  # gd/sgd: initial step on log L (i.e. eta / L on L)
     eta_growth: float = 1.2  # gd: step growth after an accepted step (1 keeps it fixed)
     max_update_ratio: float = 0.1  # gd/sgd: reject steps with ||dW|| > ratio * ||W||
@@ -44,7 +47,8 @@ class TrainConfig:
     store_directions_max_params: int = 2_000_000  # keep W/||W|| at log points if P <= this
     checkpoint_every_seconds: float = 30.0
     checkpoint_every_steps: int = 0  # 0: time-based only
-    distributed: bool = False
+    distributed: bool = False  # data-parallel under torchrun (see diralign.distributed)
+    distributed_timeout_seconds: float = 300.0  # a collective waiting longer means a rank died or hung
 
 
 def field_names(config_cls) -> list[str]:

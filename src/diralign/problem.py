@@ -39,7 +39,9 @@ class Problem:
     """Model + data + loss, seen through a flat parameter vector.
 
     ``reducer`` (optional) combines the per-shard ``(log_risk, grad, margins)`` across
-    processes; the single-process default is the identity.
+    processes; the single-process default is the identity.  It may return a fourth item,
+    the global count of correctly classified examples, and then keep only this process's
+    margins (``diralign.distributed`` does; margins are gathered at log points).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Problem:
         self.degree = degree
         self.chunk_size = chunk_size
         self.reducer = reducer
+        self.shard: Optional[tuple[int, int]] = None  # (start, stop) of X within all n examples (distributed)
         self.n = int(n_total if n_total is not None else X.shape[0])
         self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in self.named]
@@ -136,14 +139,45 @@ class Problem:
             for a in range(0, n_local, size)
         ]
         log_risk, grad, margins = combine_log_space(pieces)
+        correct = None
         if self.reducer is not None:
-            log_risk, grad, margins = self.reducer(log_risk, grad, margins)
+            reduced = self.reducer(log_risk, grad, margins)
+            log_risk, grad, margins = reduced[:3]
+            # A distributed reducer keeps this shard's margins and returns the global count.
+            correct = reduced[3] if len(reduced) > 3 else None
         return Evaluation(
             log_risk=float(log_risk),
             grad=grad,
             margins=margins,
-            correct=int((margins > 0).sum()),
+            correct=int((margins > 0).sum()) if correct is None else int(correct),
         )
+
+    def evaluate_subset(self, w: torch.Tensor, index: torch.Tensor, need_grad: bool = True) -> Evaluation:
+        """The oracle on the examples ``index`` only (an SGD minibatch), chunked.
+
+        ``log_risk`` is ``log L_B = log sum_{i in B} l(p_i)`` (unnormalised, like ``L``) and
+        ``grad`` is ``grad log L_B``.  ``index`` numbers examples of the whole data set: under
+        torch.distributed (``shard`` set) each process evaluates the members of ``B`` it holds
+        and the reducer combines them, so every process gets the whole minibatch's values.
+        """
+        index = index.to(self.X.device)
+        if self.shard is not None:
+            start, stop = self.shard
+            index = index[(index >= start) & (index < stop)] - start
+        size = self.chunk_size or max(index.numel(), 1)
+        pieces = [
+            self._evaluate_chunk(w, self.X[part], self.y[part], need_grad) for part in index.split(size)
+        ]
+        if not pieces:  # no member of B on this process: L_r = 0
+            pieces = [(w.new_tensor(float("-inf")), w.new_zeros(self.dim) if need_grad else None, w.new_zeros(0))]
+        log_risk, grad, margins = combine_log_space(pieces)
+        correct = None
+        if self.reducer is not None and self.shard is not None:
+            reduced = self.reducer(log_risk, grad, margins)
+            log_risk, grad, margins = reduced[:3]
+            correct = reduced[3] if len(reduced) > 3 else None
+        correct = int((margins > 0).sum()) if correct is None else int(correct)
+        return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=correct)
 
 
 def combine_log_space(pieces):

@@ -103,7 +103,7 @@ class TrainContext:
     callbacks: list
     quiet: bool = False
     is_writer: bool = True  # rank 0 in distributed runs
-    sync_check: Optional[object] = None  # distributed: compares parameters across ranks
+    distributed: Optional[object] = None  # diralign.distributed.DataParallel under torchrun
     groups: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
     store_directions: bool = False
@@ -168,6 +168,13 @@ def make_row(ctx: TrainContext, state: TrainState) -> dict:
 
 
 def log_point(ctx: TrainContext, state: TrainState) -> dict:
+    if state.ev.grad is None:
+        # Dynamics that skip the full-data gradient between log points (minibatch sgd)
+        # get it here, so alignment is measured at every log point.
+        state.ev = ctx.problem.evaluate(state.w)
+        state.grad_evals += 1
+    if ctx.distributed is not None:  # each rank holds its shard's margins; log all n
+        state.ev = ctx.distributed.gather_margins(state.ev)
     row = make_row(ctx, state)
     s = row["ln_n_over_L"]
     spacing = ctx.log_spacing
@@ -187,8 +194,8 @@ def log_point(ctx: TrainContext, state: TrainState) -> dict:
 
 
 def checkpoint(ctx: TrainContext, state: TrainState) -> None:
-    if ctx.sync_check is not None:
-        ctx.sync_check(state.w)
+    if ctx.distributed is not None:  # all ranks: gather margins, compare parameter hashes
+        ctx.distributed.check_in_sync(state)
     if ctx.store is None or not ctx.is_writer:
         return
     payload = {
@@ -243,7 +250,8 @@ def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainStat
     last_checkpoint = start
     with _SignalFlag() as flag:
         while True:
-            state.wall_seconds = wall_at_start + (time.perf_counter() - start)
+            if ctx.distributed is None:  # distributed: rank 0's clock, shared by agree() below
+                state.wall_seconds = wall_at_start + (time.perf_counter() - start)
             s = math.log(n) - state.ev.log_risk
             _note_milestones(ctx, state, s)
             if state.steps >= state.next_log_step or s >= state.next_log_ln:
@@ -265,14 +273,21 @@ def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainStat
                 cb.on_step(ctx, state)
             now = time.perf_counter()
             due = (every_steps > 0 and state.steps % every_steps == 0) or (now - last_checkpoint >= every_seconds)
+            stop = flag.signum is not None
+            if ctx.distributed is not None:
+                # Every rank must branch alike: rank 0's clock and checkpoint decision,
+                # and stop if any rank was signalled.
+                state.wall_seconds, due, stop = ctx.distributed.agree(wall_at_start + (now - start), due, stop)
             if due:
-                state.wall_seconds = wall_at_start + (now - start)
+                if ctx.distributed is None:
+                    state.wall_seconds = wall_at_start + (now - start)
                 checkpoint(ctx, state)
                 last_checkpoint = time.perf_counter()
-            if flag.signum is not None:
-                state.wall_seconds = wall_at_start + (time.perf_counter() - start)
+            if stop:
+                if ctx.distributed is None:
+                    state.wall_seconds = wall_at_start + (time.perf_counter() - start)
                 checkpoint(ctx, state)
-                raise Interrupted(signal.Signals(flag.signum).name)
+                raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank")
     if state.last_logged_step != state.steps:
         row = log_point(ctx, state)
         if progress is not None:

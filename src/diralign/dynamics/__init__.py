@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import Dynamics, StepResult
+from .constant_gd import ConstantStepGD
+from .cvode import CvodeFlow
 from .flow import Dopri5Flow
 from .gd import NormalizedGD
+from .loss_based import LossBasedGD
+from .sgd import MinibatchSGD
 
-DYNAMICS = {"flow": Dopri5Flow, "gd": NormalizedGD}
-FLOW_INTEGRATORS = {"dopri5": Dopri5Flow}
+DYNAMICS = {
+    "flow": Dopri5Flow,
+    "gd": NormalizedGD,
+    "sgd": MinibatchSGD,
+    "loss-based": LossBasedGD,
+    "constant-gd": ConstantStepGD,
+}
+FLOW_INTEGRATORS = {"dopri5": Dopri5Flow, "cvode": CvodeFlow}
 
 
 def make_dynamics(problem, config) -> Dynamics:

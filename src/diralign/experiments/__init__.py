@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import Experiment, Setup
+from .custom import CustomExperiment
 from .deep_linear import DeepLinearExperiment
+from .fig1 import Fig1Experiment
 from .linear import LinearExperiment
+from .margins import MarginsExperiment
+from .srelu import SReLUExperiment
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     LinearExperiment.name: LinearExperiment,
     DeepLinearExperiment.name: DeepLinearExperiment,
+    CustomExperiment.name: CustomExperiment,
+    MarginsExperiment.name: MarginsExperiment,
+    SReLUExperiment.name: SReLUExperiment,
+    Fig1Experiment.name: Fig1Experiment,
 }
 
 

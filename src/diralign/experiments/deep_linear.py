@@ -29,6 +29,9 @@ class DeepLinearConfig(TrainConfig):
     data_margin: float = 0.1
     widths: tuple[int, ...] = (8, 8)  # hidden widths; depth = len(widths) + 1
     init_scale: float = 1.0  # Frobenius norm of every layer at initialisation
+    # per-layer Frobenius norms at init, A_1 first (empty: all init_scale).  Unbalanced
+    # layers show Lemma E.1's shares ||A_j||^2/||W||^2 -> 1/k (the flow conserves the gaps).
+    layer_scales: tuple[float, ...] = ()
     target_ln_n_over_L: float = 1000.0
 
 
@@ -55,6 +58,12 @@ class DeepLinearExperiment(Experiment):
         X, y, info = binary_data(config, dtype)
         gen = torch.Generator().manual_seed(config.seed + 1)
         model = DeepLinear(X.shape[1], config.widths, config.init_scale, generator=gen).to(dtype=dtype, device=device)
+        if config.layer_scales:
+            if len(config.layer_scales) != len(model.layers) or min(config.layer_scales) <= 0:
+                raise UserError(f"layer_scales needs {len(model.layers)} positive norms (one per layer), got {config.layer_scales}")
+            with torch.no_grad():
+                for a, scale in zip(model.layers, config.layer_scales):
+                    a.mul_(scale / a.norm())
         problem = Problem(
             model, X.to(device), y.to(device), config.loss, degree=model.homogeneity_degree,
             chunk_size=config.chunk_size or None,

@@ -10,6 +10,11 @@ from .registry import MODELS, build_model, register, resolve_factory
 register("linear")(LinearModel)
 register("deep-linear")(DeepLinear)
 
+from . import torchvision_models  # noqa: E402,F401  registers resnet18, densenet121
+from .alexnet import HAlexNet  # noqa: E402  registers h-alexnet
+from .squared_relu import SquaredReLUNet, squared_relu_sum  # noqa: E402  registers squared-relu, srelu
+from .ntk import LinearizedModel, SquaredReLUNTK, ntk_linearize, squared_relu_ntk  # noqa: E402
+
 __all__ = [
     "MODELS",
     "build_model",
@@ -20,4 +25,10 @@ __all__ = [
     "LinearModel",
     "declared_degree",
     "homogeneity_degree",
+    "LinearizedModel",
+    "SquaredReLUNTK",
+    "SquaredReLUNet",
+    "ntk_linearize",
+    "squared_relu_ntk",
+    "squared_relu_sum",
 ]

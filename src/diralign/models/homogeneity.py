@@ -74,6 +74,10 @@ def homogeneity_degree(
     lc = torch.tensor(logs_c, dtype=torch.float64)
     lr = torch.tensor(logs_ratio, dtype=torch.float64)
     fitted = float((lc * lr).sum() / (lc * lc).sum())
+    if not math.isfinite(fitted):
+        # The scaled outputs overflowed (DenseNet-121 in float32 grows like c^100): certainly
+        # not homogeneous of any usable degree.
+        return HomogeneityReport(fitted, None, float("inf"), False, declared_degree(model))
     k = round(fitted)
     violation = max(
         float((outs[c] - c**k * base).abs().max() / (c**k * scale_base)) for c in scales

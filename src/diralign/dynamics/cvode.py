@@ -1,0 +1,278 @@
+"""The gradient flow in the clock ``s = ln(n/L)``, integrated by SUNDIALS CVODE (BDF).
+
+    diralign run deep-linear --out /tmp/dl --set integrator=cvode      # the default
+
+The late-phase flow ``dW/ds = -g/||g||^2`` (``g = grad log L``, see ``flow.py``) is stiff:
+individual margin gradients are ~``1/(k gamma)`` times larger than their softmin average,
+so an explicit Runge-Kutta step is set by stability, not accuracy.  CVODE's BDF methods
+with matrix-free GMRES take steps set by accuracy instead.
+
+**Jacobian-vector products are exact.**  With ``H = grad^2 log L``, ``gg = ||g||^2``,
+
+    J v = -(H v - 2 g <g, H v>/gg) / gg,
+
+one Hessian-vector product per Krylov iteration, by double backward through a graph that
+the right-hand side keeps (``create_graph=True``) at the Newton iterate, so the Jacobian
+setup costs nothing extra.  CVODE's default difference quotient ``(f(y + sigma v) - f(y))
+/ sigma`` perturbs ``y`` by ~``rtol |y|``, which moves the margins by ~``k s rtol``: its
+error grows linearly with ``s`` and is what stalled a prototype past ``s ~ 1000``.
+``cvode_jacobian=dq`` keeps it (and chunked or distributed problems, whose oracle only
+returns gradients, use it automatically).
+
+**Cost accounting.**  ``grad_evals`` counts gradient-equivalent evaluations: each
+right-hand side (a gradient, with or without its graph kept) 1, each Hessian-vector
+product 2, each rebuilt Jacobian graph 1, and the evaluation at each returned point 1.
+
+**Segments, exact resume.**  CVODE's history (Nordsieck array, step size, order) cannot
+be checkpointed, so the flow is cut into *segments* on a fixed power-of-two grid in ``s``
+(``cvode_segment`` times the current ``s``, e.g. ``[256, 512]``, ``[512, 1024]``).  Each
+segment is a fresh CVODE solve from the true ``ln(n/L)`` of its start point: that
+re-anchors the integrator's clock, which otherwise drifts from the true ``ln(n/L)``.
+Inside a segment ``step()`` returns at output points (CVODE's interpolant) on the trainer's
+log grid, placed on the *true* clock by correcting the drift measured at the previous
+output.  A checkpoint records the segment's start and how many outputs were returned; a
+resumed run replays that segment from its start (not counted in ``grad_evals``),
+checks that it reproduces the checkpointed point bit for bit, and goes on: resumed and
+uninterrupted runs do identical work.  (If the replay does not reproduce it -- another
+thread count, another machine -- the segment restarts from the checkpointed point.)
+
+CVODE's rejected steps are not exposed by scikit-sundae; ``rejected`` stays 0 and their
+cost is inside ``grad_evals``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .base import Dynamics, StepResult, finite
+
+JACOBIANS = ("hvp", "dq")
+TSTOP_SLACK = 1e-5  # CVODE may pass the grid end by this (relative) to land on the true clock
+OUTPUTS_PER_OCTAVE = 16  # output spacing <= s/16 (directional path length, curves)
+
+
+def power_of_two_below(x: float) -> float:
+    return 2.0 ** math.floor(math.log2(x))
+
+
+def segment_end(s0: float, target: Optional[float], fraction: float) -> float:
+    """End of the segment that starts at ``s0``: the next point of the grid of spacing
+    ``2^floor(log2(fraction max(|s0|, 1)))`` at least a quarter spacing ahead, or the target."""
+    delta = power_of_two_below(fraction * max(abs(s0), 1.0))
+    end = (math.floor((s0 + 0.25 * delta) / delta) + 1) * delta
+    if target is not None and s0 < target and end > target - 0.25 * delta:
+        end = target
+    return max(end, s0 + 1e-9 * max(abs(s0), 1.0))
+
+
+def output_spacing(s: float, log_spacing: float) -> float:
+    return min(log_spacing, power_of_two_below(max(abs(s), 1.0) / OUTPUTS_PER_OCTAVE))
+
+
+class SClockSystem:
+    """``dW/ds = -g/||g||^2`` and its exact Jacobian-vector product, on CVODE's arrays.
+
+    CVODE hands numpy views of its own vectors; they become torch tensors without a copy
+    (``torch.from_numpy``), and results are written straight into CVODE's output arrays.
+    The one copy left is the point whose graph is kept for Hessian-vector products: CVODE
+    reuses its work vectors, and a graph must not see its inputs change underneath it.
+    """
+
+    def __init__(self, problem, jacobian: str):
+        self.problem = problem
+        self.jacobian = jacobian
+        self.cpu64 = problem.dtype == torch.float64 and problem.device.type == "cpu"
+        self.graph = None  # (w, g, g_detached, gg) at the last right-hand side (hvp mode)
+        self.rhs_evals = self.graph_evals = self.hvp_evals = 0
+
+    @property
+    def grad_evals(self) -> int:
+        return self.rhs_evals + self.graph_evals + 2 * self.hvp_evals
+
+    def _torch(self, array: np.ndarray) -> torch.Tensor:
+        with warnings.catch_warnings():
+            # CVODE marks its input vectors read-only; nothing here writes to them.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(array)
+        return t if self.cpu64 else t.to(device=self.problem.device, dtype=self.problem.dtype)
+
+    def _write(self, out: np.ndarray, value: torch.Tensor, scale: float) -> None:
+        target = torch.from_numpy(out)
+        if self.cpu64:
+            torch.mul(value, scale, out=target)
+        else:
+            target.copy_((value * scale).to(device="cpu", dtype=torch.float64))
+
+    def _gradient_graph(self, y: np.ndarray):
+        w = self._torch(y).clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.problem.log_risk_fn(w), w, create_graph=True)
+        gd = g.detach()
+        return w, g, gd, float(torch.dot(gd, gd))
+
+    def rhs(self, t, y, yp) -> None:
+        self.rhs_evals += 1
+        if self.jacobian == "hvp":
+            self.graph = self._gradient_graph(y)
+            gd, gg = self.graph[2], self.graph[3]
+        else:
+            gd = self.problem.evaluate(self._torch(y)).grad
+            gg = float(torch.dot(gd, gd))
+        if not (gg > 0 and math.isfinite(gg)):
+            # CVODE treats a non-finite derivative as a failed step and retries smaller.
+            yp[:] = np.nan
+            return
+        self._write(yp, gd, -1.0 / gg)
+
+    def jac_setup(self, t, y, fy) -> None:
+        # CVODE calls rhs(ynow) right before it: reuse that graph when it is the same point.
+        if self.graph is None or not torch.equal(self.graph[0].detach(), self._torch(y)):
+            self.graph_evals += 1
+            self.graph = self._gradient_graph(y)
+
+    def jac_times(self, t, y, fy, v, Jv) -> None:
+        self.hvp_evals += 1
+        w, g, gd, gg = self.graph
+        (hv,) = torch.autograd.grad(g, w, self._torch(v), retain_graph=True)
+        jv = hv.add_(gd, alpha=-2.0 * float(torch.dot(gd, hv)) / gg)
+        self._write(Jv, jv, -1.0 / gg)
+
+
+class CvodeFlow(Dynamics):
+    """``integrator=cvode``: BDF + GMRES with exact J*v, segmented for exact resume."""
+
+    name = "flow"
+    faithful_to_flow = True
+
+    def __init__(self, problem, config):
+        super().__init__(problem, config)
+        self.rtol = float(config.rtol)
+        self.atol = float(config.atol)
+        if not (0 < self.rtol < 1) or self.atol < 0:
+            raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={config.rtol}, atol={config.atol})")
+        self.fraction = float(getattr(config, "cvode_segment", 1.0))
+        if not self.fraction > 0:
+            raise UserError(f"cvode_segment must be positive (a fraction of s), got {self.fraction}")
+        self.krylov_dim = int(getattr(config, "cvode_krylov_dim", 20))
+        if self.krylov_dim < 1:
+            raise UserError(f"cvode_krylov_dim must be a positive integer, got {self.krylov_dim}")
+        jacobian = str(getattr(config, "cvode_jacobian", "hvp"))
+        if jacobian not in JACOBIANS:
+            raise UserError(f"cvode_jacobian must be one of {', '.join(JACOBIANS)}, got {jacobian!r}")
+        chunked = bool(problem.chunk_size) and problem.chunk_size < problem.X.shape[0]
+        if jacobian == "hvp" and (chunked or problem.reducer is not None):
+            jacobian = "dq"  # the oracle of chunked/sharded problems combines gradients only
+        self.jacobian = jacobian
+        self.system = SClockSystem(problem, jacobian)
+        self.segment: Optional[dict] = None  # start, end, outputs returned (checkpointed)
+        self.solver = None
+        self.last_w: Optional[torch.Tensor] = None
+        self.replayed_grad_evals = 0  # work redone after a resume (not in grad_evals)
+
+    # -- checkpoint -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        seg = self.segment
+        if seg is None:
+            return {"segment": None}
+        return {"segment": {k: seg[k] for k in ("w0", "s0", "s1", "tstop", "times", "drift", "done")}}
+
+    def load_state_dict(self, state: dict) -> None:
+        seg = state.get("segment")
+        self.segment = None if seg is None else dict(seg, replay=True)
+        self.solver = None
+
+    # -- CVODE ------------------------------------------------------------------------
+    def _new_solver(self):
+        from sksundae.cvode import CVODE, CVODEJacTimes
+
+        options = dict(
+            method="BDF",
+            linsolver="gmres",
+            krylov_dim=self.krylov_dim,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_num_steps=1_000_000,
+        )
+        if self.jacobian == "hvp":
+            options["jactimes"] = CVODEJacTimes(self.system.jac_setup, self.system.jac_times)
+        return CVODE(self.system.rhs, **options)
+
+    def _log_spacing(self, target: Optional[float]) -> float:
+        spacing = float(getattr(self.config, "log_every_ln", 0.0) or 0.0)
+        if spacing > 0:
+            return spacing
+        return max(float(target) / 200.0, 1e-3) if target is not None else math.inf
+
+    def _start(self, w: torch.Tensor, ev, target: Optional[float]) -> None:
+        s0 = math.log(self.problem.n) - ev.log_risk
+        s1 = segment_end(s0, target, self.fraction)
+        w0 = w.detach().to(device="cpu", dtype=torch.float64).clone()
+        self.segment = {"w0": w0, "s0": s0, "s1": s1, "tstop": s1 + TSTOP_SLACK * max(abs(s1), 1.0), "times": [], "done": False, "drift": 0.0}
+        self.solver = self._new_solver()
+        self.solver.init_step(s0, w0.numpy())
+
+    def _advance(self, t_out: float, s1: float) -> np.ndarray:
+        result = self.solver.step(t_out, tstop=s1)
+        if not result.success:
+            raise FloatingPointError(f"cvode flow: {result.message} at s = {result.t:.6g}")
+        return result.y
+
+    def _replay(self, w: torch.Tensor) -> bool:
+        """Redo the checkpointed segment up to its last returned output; True if bit-exact."""
+        seg = self.segment
+        before = self.system.grad_evals
+        self.solver = self._new_solver()
+        self.solver.init_step(seg["s0"], seg["w0"].numpy())
+        y = seg["w0"].numpy()
+        for t_out in seg["times"]:
+            y = self._advance(t_out, seg["tstop"])
+        self.replayed_grad_evals += self.system.grad_evals - before
+        seg.pop("replay", None)
+        return torch.equal(torch.from_numpy(np.array(y)).to(w.dtype), w.detach().cpu())
+
+    def _next_time(self, t_now: float, seg: dict, target: Optional[float]) -> tuple[float, bool]:
+        """Next output on the *true* clock: the next multiple of the output spacing, or the
+        segment end, shifted by the drift (true ln(n/L) minus CVODE's s) seen at the last
+        output.  Returns ``(t_out, last)``; CVODE may integrate up to ``tstop``, a little
+        past the grid end, so that the shifted end is reachable by interpolation."""
+        drift = seg["drift"]
+        end = min(seg["s1"] - drift + 1e-7 * max(abs(seg["s1"]), 1.0), seg["tstop"])
+        spacing = output_spacing(t_now + drift, self._log_spacing(target))
+        # Aim a hair past the grid point, so that the trainer's log grid is met, never missed.
+        true_next = (math.floor((t_now + drift) / spacing + 0.25) + 1) * spacing
+        t_out = true_next - drift + 1e-7 * max(abs(true_next), 1.0)
+        if t_out >= end - 0.25 * spacing or end <= t_now:
+            return max(end, min(t_now + 1e-9 * max(abs(t_now), 1.0), seg["tstop"])), True
+        return t_out, False
+
+    def step(self, w, ev, target: Optional[float] = None) -> StepResult:
+        seg = self.segment
+        if seg is not None and seg["done"]:
+            seg = None  # finished: the next segment starts from the true ln(n/L) of w
+        elif seg is not None and seg.get("replay"):
+            if not self._replay(w):
+                seg = None
+        elif seg is not None and not (self.solver is not None and self.last_w is not None and torch.equal(self.last_w, w)):
+            seg = None  # called from another point than the one returned last
+        if seg is None:
+            self._start(w, ev, target)
+            seg = self.segment
+        before = self.system.grad_evals
+        t_now = seg["times"][-1] if seg["times"] else seg["s0"]
+        t_out, seg["done"] = self._next_time(t_now, seg, target)
+        y = self._advance(t_out, seg["tstop"])
+        # ``y`` is the solver's fresh copy: adopt it without another one.
+        w_new = torch.from_numpy(y).to(device=self.problem.device, dtype=self.problem.dtype)
+        new = self.problem.evaluate(w_new)
+        if not finite(new):
+            raise FloatingPointError(f"cvode flow: non-finite risk or gradient at s = {t_out:.6g}")
+        seg["times"].append(t_out)
+        seg["drift"] = (math.log(self.problem.n) - new.log_risk) - t_out
+        self.last_w = w_new
+        return StepResult(w_new, new, self.system.grad_evals - before + 1, 0)

@@ -1,0 +1,110 @@
+"""The paper's SGD for Figures 2 and 3 (Appendix A): minibatches, step scaled by 1/L.
+
+    diralign run margins --set dynamics=sgd --set batch_size=512 --set eta=1
+
+One ``step`` is one epoch: a seeded shuffle of all n examples, then for each minibatch
+``B`` of ``batch_size`` examples
+
+    W <- W - eta * exp(log L_B - log L_full) * grad log L_B   (= eta * grad L_B / L_full),
+
+where ``L_full`` is the full-data risk at the start of the epoch (the "last full-data risk
+estimate"); no momentum, no weight decay, no augmentation.  Over an epoch the updates add
+up to about ``eta * grad log L_full``, so ``eta`` means what it means for ``gd``.  Why an
+epoch: the trainer's clock ``ln(n/L)``, its goals and its log points need the full-data
+risk, which costs a pass over the data; taking it once per epoch keeps that overhead at one
+forward pass (the full gradient, needed only for alignment, is added at log points).
+
+Safeguards, as in the paper: an update longer than ``max_update_ratio * ||W||`` shrinks
+``eta`` until it fits; an epoch whose minibatch risk is non-finite, or whose full-data risk
+at the end is non-finite or higher than at the start, is rejected: ``W`` is restored, ``eta``
+halved and the epoch redone with the next shuffle.  Accepted epochs grow ``eta`` by
+``eta_growth``.  Rejected epochs are counted and never logged as progress.
+
+Deterministic and resumable: the shuffles come from a private seeded generator whose state
+is in ``state_dict`` (checkpoints are taken between epochs).  With ``batch_size >= n`` each
+epoch is one full-batch step, so the full gradient is kept and reused by the next epoch.
+``grad_evals`` counts full-data gradient equivalents (a forward-only risk check counts 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+from .base import Dynamics, StepResult, finite
+
+
+class MinibatchSGD(Dynamics):
+    name = "sgd"
+
+    def __init__(self, problem, config):
+        super().__init__(problem, config)
+        self.eta = float(config.eta)
+        self.batch_size = int(config.batch_size)
+        self.growth = float(config.eta_growth)
+        self.max_update_ratio = float(config.max_update_ratio)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {config.batch_size}")
+        if not self.eta > 0 or not self.max_update_ratio > 0 or not self.growth >= 1:
+            raise UserError(
+                f"sgd needs eta > 0, max_update_ratio > 0 and eta_growth >= 1 "
+                f"(got eta={config.eta}, max_update_ratio={config.max_update_ratio}, eta_growth={config.eta_growth})"
+            )
+        self.generator = torch.Generator().manual_seed(int(config.seed) + 20_200_612)
+        self.capped_updates = 0  # minibatch updates that hit the norm cap
+
+    def state_dict(self) -> dict:
+        return {"eta": self.eta, "generator": self.generator.get_state(), "capped_updates": self.capped_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eta = float(state["eta"])
+        self.generator.set_state(state["generator"])
+        self.capped_updates = int(state.get("capped_updates", 0))
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size >= self.problem.n
+
+    def _epoch(self, w: torch.Tensor, ev, order: torch.Tensor):
+        """One pass over ``order`` in minibatches; ``None`` if a minibatch went non-finite."""
+        log_full = ev.log_risk
+        for batch in order.split(self.batch_size):
+            if self.full_batch and ev.grad is not None:
+                log_batch, grad = ev.log_risk, ev.grad  # the whole data at the epoch's start
+            else:
+                part = self.problem.evaluate_subset(w, batch)
+                self._spent += batch.numel() / self.problem.n
+                if not finite(part):
+                    return None
+                log_batch, grad = part.log_risk, part.grad
+            scale = math.exp(min(log_batch - log_full, 700.0))
+            length = self.eta * scale * float(grad.norm())
+            cap = self.max_update_ratio * float(w.norm())
+            if length > cap and cap > 0:
+                self.eta *= 0.99 * cap / length
+                self.capped_updates += 1
+            w = w - (self.eta * scale) * grad
+        return w
+
+    def step(self, w, ev, target: Optional[float] = None) -> StepResult:
+        # Shuffle all n examples (identically on every rank under torch.distributed, where
+        # evaluate_subset lets each rank evaluate its part of B and reduces the parts).
+        n_total = self.problem.n
+        rejected = 0
+        self._spent = 0.0
+        while True:
+            order = torch.randperm(n_total, generator=self.generator)
+            w_new = self._epoch(w, ev, order)
+            if w_new is not None:
+                new = self.problem.evaluate(w_new, need_grad=self.full_batch)
+                self._spent += 1.0 if self.full_batch else 0.0
+                if finite(new) and new.log_risk <= ev.log_risk:
+                    self.eta *= self.growth
+                    return StepResult(w_new, new, round(self._spent), rejected)
+            rejected += 1
+            self.eta *= 0.5
+            if self.eta < 1e-300:
+                raise FloatingPointError("sgd: step size underflowed; no epoch lowers the risk")

@@ -1,0 +1,145 @@
+"""Figure 1 from a run directory: contour panels a/b/c and the late-phase curves.
+
+    diralign plot runs/fig1
+
+``fig1_contours`` -- (a) the NTK max-margin predictor, (b) the network at the first perfect
+classification, (c) the network at the end; filled contours of the prediction, each
+divided by its own largest value on the grid (so the shapes compare), the zero level in
+black, points as red "+" and blue "-".  Also ``fig1a``, ``fig1b``, ``fig1c`` one by one.
+``fig1_curves`` -- against ``ln(n/L)``: min normalised margin, alignment cos (and
+``1 - cos``), directional path length, and the distance of the normalised prediction
+surface from the final one and from the NTK max-margin one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..plots import _pyplot, read_log, save
+from .fig1 import SNAPSHOTS, read_surfaces, surface_distance
+
+TITLES = {
+    "a": "(a) NTK max-margin predictor",
+    "b": "(b) first perfect classification",
+    "c": "(c) end of training",
+}
+
+
+def load_snapshot(run_dir: Path, panel: str):
+    path = Path(run_dir) / SNAPSHOTS[panel]
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def draw_contour(ax, snap: dict, title: str) -> None:
+    xs = snap["xs"]
+    values = snap["values"]
+    scale = float(np.abs(values).max()) or 1.0
+    levels = np.linspace(-1.0, 1.0, 21)
+    ax.contourf(xs, xs, values / scale, levels=levels, cmap="BrBG", alpha=0.85)
+    ax.contour(xs, xs, values / scale, levels=[0.0], colors="k", linewidths=1.6)
+    X, y = snap["X"], snap["y"]
+    ax.scatter(X[y > 0, 0], X[y > 0, 1], marker="+", c="red", s=45, linewidths=1.6, label="+")
+    ax.scatter(X[y < 0, 0], X[y < 0, 1], marker="_", c="blue", s=45, linewidths=1.6, label="-")
+    ax.set_xlim(xs[0], xs[-1])
+    ax.set_ylim(xs[0], xs[-1])
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if str(snap.get("kind")) == "ntk-svm":
+        ax.set_title(f"{title}\n(hard-margin SVM on the NTK features)", fontsize=10)
+    else:
+        ax.set_title(f"{title}\nat $\\ln(n/L)$ = {float(snap['ln_n_over_L']):.3g}", fontsize=10)
+
+
+def plot_contours(run_dir: Path, out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    snaps = {panel: load_snapshot(run_dir, panel) for panel in SNAPSHOTS}
+    if not any(snaps.values()):
+        return []
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+    for ax, (panel, snap) in zip(axes, snaps.items()):
+        if snap is None:
+            ax.set_axis_off()
+            ax.set_title(f"{TITLES[panel]}\n(not reached in this run)", fontsize=10)
+            continue
+        draw_contour(ax, snap, TITLES[panel])
+    fig.tight_layout()
+    paths += save(fig, out_dir, "fig1_contours")
+    plt.close(fig)
+    for panel, snap in snaps.items():
+        if snap is None:
+            continue
+        fig, ax = plt.subplots(figsize=(4.6, 4.8))
+        draw_contour(ax, snap, TITLES[panel])
+        fig.tight_layout()
+        paths += save(fig, out_dir, f"fig1{panel}")
+        plt.close(fig)
+    return paths
+
+
+def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    log = read_log(run_dir)
+    x = log["ln_n_over_L"].to_numpy()
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    separable = summary.get("first_separable_ln_n_over_L")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    ax = axes[0, 0]
+    ax.plot(x, log["min_normalized_margin"], label="min normalised margin $\\gamma$")
+    if "normalized_smoothed_margin" in log:
+        ax.plot(x, log["normalized_smoothed_margin"], "--", label="normalised smoothed margin $\\tilde\\alpha$")
+    ax.legend(fontsize=8)
+    ax.set_title("margins $/\\|W\\|^2$")
+    ax = axes[0, 1]
+    ax.plot(x, log["alignment_cos"])
+    ax.set_title("alignment $\\cos(W, -\\nabla L)$")
+    ax = axes[0, 2]
+    ax.semilogy(x, np.clip(1.0 - log["alignment_cos"].to_numpy(), 1e-16, None))
+    ax.set_title("$1 - $ alignment cos")
+    ax = axes[1, 0]
+    ax.plot(x, log["path_length"])
+    ax.set_title("directional path length $\\zeta$")
+    ax = axes[1, 1]
+    surfaces = read_surfaces(run_dir)
+    if surfaces is not None and len(surfaces):
+        rows = min(len(surfaces), len(x))
+        traj = np.asarray(surfaces[:rows], dtype=np.float64)
+        to_final = np.array([surface_distance(row, traj[-1]) for row in traj])
+        ax.semilogy(x[:rows], np.clip(to_final, 1e-16, None), label="from the final surface")
+        ntk = load_snapshot(run_dir, "a")
+        if ntk is not None and "surface_values" in ntk:
+            to_ntk = np.array([surface_distance(row, ntk["surface_values"]) for row in traj])
+            ax.semilogy(x[:rows], to_ntk, label="from the NTK max-margin surface")
+        ax.legend(fontsize=8)
+    ax.set_title("distance of the normalised prediction surface")
+    ax = axes[1, 2]
+    angles_path = run_dir / "angle_to_final.npy"
+    if angles_path.exists():
+        angles = np.load(angles_path)
+        m = min(len(angles), len(x))
+        ax.semilogy(x[:m], np.maximum(angles[:m], 1e-16))
+    ax.set_title("angle of $W/\\|W\\|$ to the final direction (rad)")
+    for ax in axes.flat:
+        ax.set_xlabel("$\\ln(n/L)$")
+        ax.grid(alpha=0.3)
+        if separable is not None:
+            ax.axvline(separable, color="grey", ls=":", lw=1)
+    fig.suptitle(f"Fig. 1 network ({summary.get('dynamics', '?')}); dotted: first perfect classification", fontsize=11)
+    fig.tight_layout()
+    paths = save(fig, out_dir, "fig1_curves")
+    plt.close(fig)
+    return paths
+
+
+def plot_fig1(run_dir, out_dir=None) -> list[Path]:
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    return plot_contours(run_dir, out_dir) + plot_curves(run_dir, out_dir)

@@ -1,0 +1,221 @@
+"""``diralign run margins``: per-example margin trajectories (paper Figures 2 and 3).
+
+    diralign run margins --set model=h-alexnet --set data=digits --set subset=512 --out runs/margins
+    diralign run margins --set model=densenet121 --set data=cifar10 --set data_root=~/data --set device=cuda
+    diralign plot runs/margins
+
+Trains an image classifier with the paper's SGD (``dynamics=sgd``: minibatch 512, step
+scaled by 1/L) on cross-entropy in log space until the risk is ``target_risk`` (1e-8, the
+paper's goal), i.e. ``ln(n/L) >= ln n + 18.42``, logging every example's multi-class margin
+``f_y - max_{j != y} f_j`` at points evenly spaced in ``ln(n/L)``.  Margins are divided by
+``||W||^k`` for k-homogeneous models (H-AlexNet, k = 5) and by the median nonnegative
+margin otherwise (DenseNet-121, ResNet-18), as in the paper's Appendix A.
+
+``model`` is a registered name (``h-alexnet``, ``resnet18``, ``densenet121``, ...) or a
+user's ``package.module:factory``; ``data`` is ``cifar10``, ``digits``,
+``synthetic-images`` or an ``.npz`` file (see :mod:`diralign.data.images`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..data.images import load_images
+from ..data.labels import resolve_labels
+from ..errors import UserError
+from ..models import build_model, homogeneity_degree
+from ..problem import Problem
+from ..store import read_array_log
+from .base import Experiment, Setup
+from .custom import model_outputs
+
+MODEL_SEED_OFFSET = 1  # the model is initialised from seed + 1 (data subsets use seed)
+
+
+@dataclass
+class MarginsConfig(TrainConfig):
+    model: str = "h-alexnet"  # registered name or package.module:factory
+    data: str = "digits"  # cifar10 | digits | synthetic-images | PATH.npz
+    data_root: str = "data"  # cifar10: folder holding cifar-10-batches-py/
+    download: bool = False  # cifar10: fetch it if missing (set by --download)
+    subset: int = 0  # class-balanced seeded subset of this many examples; 0 keeps all
+    n: int = 1000  # synthetic-images: number of images
+    loss: str = "cross-entropy"
+    dynamics: str = "sgd"
+    dtype: str = "float32"
+    chunk_size: int = 1000  # examples per forward/backward chunk (bounded memory)
+    target_risk: float = 1e-8  # the paper's goal L <= 1e-8 ...
+    target_ln_n_over_L: Optional[float] = None  # ... i.e. ln n - ln(target_risk); set to override
+    store_directions_max_params: int = 200_000  # keep W/||W|| (angle to final) for H-AlexNet
+
+
+def resolve_target(config, n: int) -> float:
+    """``ln(n/L)`` at which the risk is ``target_risk``, unless the user fixed it."""
+    if config.target_ln_n_over_L is None:
+        if not (0 < config.target_risk < math.inf):
+            raise UserError(f"target_risk must be a positive number, got {config.target_risk}")
+        config.target_ln_n_over_L = math.log(n) - math.log(config.target_risk)
+    return float(config.target_ln_n_over_L)
+
+
+def margin_change_last_quarter(run_dir) -> dict:
+    """Largest change of any normalised margin over the last quarter of ``ln(n/L)``.
+
+    Compares the stored margins at the first log point past
+    ``s_first + 0.75 (s_last - s_first)`` with the last one; also relative to
+    ``max_i |q_i|`` at the end, so the number is comparable across models.
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    margins = read_array_log(run_dir, "margins")
+    if margins is None or len(margins) < 2:
+        return {"margin_change_last_quarter": None, "margin_change_last_quarter_relative": None}
+    s = pd.read_csv(run_dir / "log.csv", usecols=["ln_n_over_L"])["ln_n_over_L"].to_numpy()
+    rows = min(len(s), len(margins))
+    s = s[:rows]
+    start = s[0] + 0.75 * (s[-1] - s[0])
+    r0 = int(np.argmax(s >= start))
+    final = np.asarray(margins[rows - 1], dtype=np.float64)
+    change = float(np.max(np.abs(final - np.asarray(margins[r0], dtype=np.float64))))
+    scale = float(np.max(np.abs(final)))
+    return {
+        "margin_change_last_quarter": change,
+        "margin_change_last_quarter_relative": change / scale if scale > 0 else None,
+        "margin_change_last_quarter_from_ln_n_over_L": float(s[r0]),
+    }
+
+
+class MarginsExperiment(Experiment):
+    name = "margins"
+    Config = MarginsConfig
+    description = "per-example margin trajectories of image classifiers (paper Fig. 2/3)"
+
+    def setup(self, config, dtype, device) -> Setup:
+        data = load_images(
+            config.data,
+            data_root=config.data_root,
+            download=config.download,
+            subset=config.subset,
+            n=config.n,
+            seed=config.seed,
+            dtype=dtype,
+        )
+        X = data.X
+        shape = tuple(int(s) for s in X.shape[1:])
+        # Seed the global RNG too: registered and user factories initialise with it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + MODEL_SEED_OFFSET)
+            model = build_model(
+                config.model,
+                num_classes=data.num_classes,
+                in_shape=shape,
+                in_features=int(np.prod(shape)),
+                generator=torch.Generator().manual_seed(config.seed + MODEL_SEED_OFFSET),
+            )
+        model = model.to(dtype=dtype, device=device)
+        X = X.to(device)
+        y, labels = resolve_labels(data.y, model_outputs(model, X))
+        y = y.to(device) if y.dtype == torch.int64 else y.to(device=device, dtype=dtype)
+        degree, homogeneity = model_degree(model, X)
+        n = int(X.shape[0])
+        target = resolve_target(config, n)
+        problem = Problem(model, X, y, config.loss, degree=degree, chunk_size=config.chunk_size or None)
+        info = dict(data.info)
+        info.update(
+            n=n,
+            x_shape=list(shape),
+            labels=labels,
+            model=config.model,
+            parameters=problem.dim,
+            homogeneity=homogeneity,
+            target_ln_n_over_L=target,
+        )
+        return Setup(problem, problem.flat_params(), info, {})
+
+    def finish(self, setup, state, run_dir, config) -> dict:
+        out = {
+            "model": config.model,
+            "data": config.data,
+            "n": setup.problem.n,
+            "parameters": setup.problem.dim,
+            "epochs": state.steps if config.dynamics == "sgd" else None,
+            "seconds_per_step": state.wall_seconds / state.steps if state.steps else None,
+            "target_ln_n_over_L": float(config.target_ln_n_over_L),
+            "target_reached": state.stop_reason == "target_ln_n_over_L",
+        }
+        if run_dir is not None:
+            out.update(margin_change_last_quarter(run_dir.path))
+        return out
+
+    def plot(self, run_dir, out_dir) -> list:
+        return plot_margin_panel(run_dir, out_dir)
+
+
+def model_degree(model, X) -> tuple[Optional[int], str]:
+    """The degree used to normalise margins: ``None`` when the model declares it is not
+    homogeneous (torchvision nets), else the measured one (a declared degree the numbers
+    contradict would normalise every margin by the wrong power)."""
+    if hasattr(model, "homogeneity_degree") and model.homogeneity_degree is None:
+        return None, "declared not homogeneous"
+    report = homogeneity_degree(model, X[: min(64, X.shape[0])])
+    return report.degree, report.verdict()
+
+
+def plot_margin_panel(run_dir, out_dir=None) -> list:
+    """``fig2.png/pdf``: the Fig. 2 margin plot beside a companion panel of alignment
+    ``1 - cos(W, -grad L)`` and directional path length (plus the angle to the final
+    direction when directions were stored), all against ``ln(n/L)``."""
+    from .. import plots
+
+    plt = plots._pyplot()
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    log = plots.read_log(run_dir)
+    if len(log) == 0:
+        return []
+    fig, (ax_m, ax_a, ax_p) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    plots.draw_margins(ax_m, run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    meta = _read_json(run_dir / "config.json")
+    config = meta.get("config", {})
+    ax_m.set_title(f"{config.get('model', '?')} on {meta.get('data', {}).get('data', config.get('data', '?'))}, "
+                   f"n = {meta.get('data', {}).get('n', '?')} ({summary.get('dynamics', config.get('dynamics', '?'))})")
+    x = log["ln_n_over_L"].to_numpy()
+    if "alignment_cos" in log:
+        gap = 1.0 - log["alignment_cos"].to_numpy(dtype=float)
+        ok = np.isfinite(gap)
+        ax_a.semilogy(x[ok], np.clip(gap[ok], 1e-16, None), lw=1.5)
+    ax_a.set_title("alignment: $1 - \\cos(W, -\\nabla L)$")
+    ax_a.set_xlabel("$\\ln(n/L)$")
+    ax_a.grid(alpha=0.3, which="both")
+    ax_p.plot(x, log["path_length"], lw=1.5, color="C0", label="path length $\\zeta$")
+    ax_p.set_ylabel("directional path length $\\zeta$")
+    ax_p.set_xlabel("$\\ln(n/L)$")
+    ax_p.set_title("directional path length")
+    ax_p.grid(alpha=0.3)
+    angles_path = run_dir / "angle_to_final.npy"
+    if angles_path.exists():
+        angles = np.load(angles_path)
+        m = min(len(angles), len(x))
+        twin = ax_p.twinx()
+        twin.semilogy(x[:m], np.maximum(angles[:m], 1e-16), lw=1.2, color="C3")
+        twin.set_ylabel("angle to final direction (rad)", color="C3")
+        ax_p.set_title("path length (blue), angle to final (red)")
+    fig.tight_layout()
+    paths = plots.save(fig, out_dir, "fig2")
+    plt.close(fig)
+    return paths
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
