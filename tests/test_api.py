@@ -207,6 +207,41 @@ def test_smooth_model_uses_the_flow_and_multiclass(tmp_path):
     assert again.summary["ln_n_over_L"] == run.summary["ln_n_over_L"]
 
 
+def test_interrupted_train_resumes_bit_identically(tmp_path, monkeypatch):
+    import signal
+
+    from diralign.dynamics.flow import Dopri5Flow
+
+    gen = torch.Generator().manual_seed(11)
+    X = torch.randn(90, 3, generator=gen, dtype=torch.float64)
+    X = X[X.sum(1).abs() > 0.5][:30]
+    y = torch.sign(X.sum(1))
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 1, bias=False))
+
+    reference = diralign.train(net(), X, y, target_ln_n_over_L=40, out=tmp_path / "ref", quiet=True)
+    original_step, calls = Dopri5Flow.step, []
+
+    def step_then_interrupt(self, *args, **kwargs):  # a SIGINT arrives during step 25
+        calls.append(1)
+        if len(calls) == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Dopri5Flow, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="diralign.resume"):
+        diralign.train(net(), X, y, target_ln_n_over_L=40, out=tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(Dopri5Flow, "step", original_step)
+    assert diralign.load_run(tmp_path / "cut").finished is False
+    resumed = diralign.resume(tmp_path / "cut", net(), X, y, quiet=True)
+    assert resumed.summary["steps"] == reference.summary["steps"]
+    for a, b in zip(resumed.model.parameters(), reference.model.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.log["ln_n_over_L"].tolist() == reference.log["ln_n_over_L"].tolist()
+
+
 def test_dataloader_with_sgd(tmp_path):
     gen = torch.Generator().manual_seed(7)
     X = torch.randn(48, 4, generator=gen)

@@ -12,8 +12,8 @@ from .losses import (
     multiclass_margins,
     smoothed_margin,
 )
-from .maxmargin import hard_margin_svm, svm_sklearn
-from .models import DeepLinear, LinearModel, homogeneity_degree
+from .maxmargin import hard_margin_svm, hard_margin_svm_dual, svm_sklearn
+from .models import DeepLinear, LinearModel, SquaredReLUNet, SquaredReLUNTK, homogeneity_degree, ntk_linearize
 from .problem import Problem
 from .runner import resume_run, start_run
 
@@ -22,14 +22,18 @@ __all__ = [
     "LinearModel",
     "Problem",
     "Run",
+    "SquaredReLUNTK",
+    "SquaredReLUNet",
     "UserError",
     "cross_entropy_log_risk",
     "hard_margin_svm",
+    "hard_margin_svm_dual",
     "homogeneity_degree",
     "log_logistic_loss",
     "load_run",
     "log_risk",
     "multiclass_margins",
+    "ntk_linearize",
     "probe",
     "resume",
     "resume_run",

@@ -29,7 +29,7 @@ from .data.labels import check_features, resolve_labels
 from .errors import UserError
 from .experiments import get_experiment
 from .experiments.base import Setup
-from .experiments.custom import CustomConfig, CustomExperiment, model_outputs
+from .experiments.custom import IN_MEMORY, CustomConfig, CustomExperiment, model_outputs
 from .models.structure import nonsmooth_operations
 from .problem import Problem
 from .store import load_checkpoint_file, read_array_log
@@ -156,15 +156,17 @@ def load_flat_weights(model: nn.Module, w: torch.Tensor) -> nn.Module:
 def run_verdict(summary: dict, assumptions: dict, config: dict) -> str:
     parts = [assumptions.get("homogeneity_verdict", "homogeneity unknown")]
     s, target = summary.get("ln_n_over_L"), config.get("target_ln_n_over_L")
-    if s is not None:
-        reached = "reached" if target is not None and s >= target else f"not reached ({summary.get('stop_reason')})"
+    if s is not None and target is not None:
+        reached = "reached" if s >= target else f"not reached: {summary.get('stop_reason')}"
         parts.append(f"ln(n/L) = {s:.4g} (target {target:g} {reached})")
+    elif s is not None:
+        parts.append(f"ln(n/L) = {s:.4g}")
     if summary.get("train_accuracy") is not None:
         parts.append(f"train accuracy {summary['train_accuracy']:.4g}")
     if summary.get("min_normalized_margin") is not None:
         parts.append(f"min normalised margin {summary['min_normalized_margin']:.4g}")
     if summary.get("alignment_cos") is not None:
-        faithful = "" if summary.get("faithful_to_flow", True) else " iterates, not the flow's"
+        faithful = " iterates, not the flow's" if summary.get("faithful_to_flow") is False else ""
         parts.append(f"alignment cos {summary['alignment_cos']:.6f} ({summary.get('dynamics')}{faithful})")
     return "; ".join(parts)
 
@@ -225,7 +227,9 @@ def train(
     flow crawls where pre-activations sit on them, see :mod:`diralign.models.structure`)
     and ``flow`` otherwise; the choice is printed and kept in config.json.
     ``log_every``: spacing of log points in ``ln(n/L)`` (default ``target/200``).
-    ``out``: run directory (default: a new temporary directory, kept).  Further keyword
+    ``out``: run directory (default: a new temporary directory, kept); ``force`` replaces
+    an earlier run there.  The run uses the model's device and float64 unless
+    ``device=``/``dtype=`` say otherwise.  Further keyword
     arguments set :class:`~diralign.config.TrainConfig` fields (``dtype``, ``rtol``,
     ``max_wall_seconds``, ``eta``, ``batch_size`` ...).  Models that break the paper's
     assumptions are trained anyway; the report says which assumptions fail.
@@ -251,9 +255,12 @@ def train(
     if dynamics == "sgd" and "batch_size" not in overrides and loader_batch_size:
         overrides["batch_size"] = int(loader_batch_size)
     overrides.update(loss=loss, dynamics=dynamics, target_ln_n_over_L=target_ln_n_over_L)
+    first = next((p for p in model.parameters()), None)
+    if "device" not in overrides and first is not None:
+        overrides["device"] = str(first.device)  # train where the model lives
     if log_every is not None:
         overrides["log_every_ln"] = log_every
-    config = dataclasses.replace(CustomConfig(), **_typed_overrides(overrides))
+    config = dataclasses.replace(CustomConfig(), **_typed_overrides(overrides), model=IN_MEMORY, data=IN_MEMORY)
     experiment = CustomExperiment(model, X, y, config, info=info)
     if out is None:
         out = tempfile.mkdtemp(prefix="diralign-run-")
@@ -310,12 +317,15 @@ def probe(model: nn.Module, X, y, loss: str = "logistic", chunk_size: Optional[i
 
     Returns a dict: ``verdict`` (one line), ``homogeneous``, ``homogeneity_degree``,
     ``homogeneity`` (fitted degree, relative ``violation``), ``has_bias``,
-    ``has_batch_norm``, ``has_skip_connections``, ``ln_n_over_L``, ``log_risk``,
+    ``has_batch_norm``, ``has_skip_connections``, ``nonsmooth_operations``,
+    ``ln_n_over_L``, ``log_risk``,
     ``smoothed_margin``, ``normalized_smoothed_margin``, ``min_margin``,
     ``min_normalized_margin``, ``normalized_margins`` (array ``[n]``; by ``||W||^k``, or
     by the median nonnegative margin when not homogeneous), ``alignment_cos``, ``beta``,
     ``param_norm``, ``grad_norm``, ``train_accuracy``, ``below_loss_at_zero`` and
-    ``layers`` ({block: {"share", "alignment_cos"}}).  The model is evaluated in eval
+    ``layers`` ({block: {"share", "alignment_cos"}}); ``assumptions`` holds the full
+    report that ``train`` prints (and ``min_median_normalized_margin`` replaces the min
+    normalised margin when there is no degree).  The model is evaluated in eval
     mode (batch norm uses its running statistics) and is not changed.
     """
     if not isinstance(model, nn.Module):
@@ -342,8 +352,11 @@ def probe(model: nn.Module, X, y, loss: str = "logistic", chunk_size: Optional[i
         blocks = probes.block_panel(problem, w, ev.grad, probes.block_groups(problem.names))
     finally:
         model.train(was_training)
-    layers = {key[len("share:") :]: {"share": value, "alignment_cos": blocks["alignment_cos:" + key[len("share:") :]]}
-              for key, value in blocks.items() if key.startswith("share:")}
+    layers = {}
+    for key, share in blocks.items():
+        if key.startswith("share:"):
+            name = key[len("share:") :]
+            layers[name] = {"share": share, "alignment_cos": blocks[f"alignment_cos:{name}"]}
     result = {
         "homogeneous": bool(report["homogeneity"]["homogeneous"]),
         "homogeneity_degree": degree,
@@ -352,8 +365,8 @@ def probe(model: nn.Module, X, y, loss: str = "logistic", chunk_size: Optional[i
         "has_bias": report["has_bias"],
         "has_batch_norm": report["has_batch_norm"],
         "has_skip_connections": report["has_skip_connections"],
-        **{k: v for k, v in row.items()},
-        "min_normalized_margin": row["min_normalized_margin"],
+        "nonsmooth_operations": report["nonsmooth_operations"],
+        **row,
         "normalized_margins": probes.normalized_margins(ev.margins, row["param_norm"], degree).detach().cpu().double().numpy(),
         "layers": layers,
         "assumptions": report,

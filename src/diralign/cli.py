@@ -4,6 +4,7 @@
     diralign resume runs/dl
     diralign plot runs/dl
     diralign verify --quick --json verify.json
+    diralign bench --quick --json b.json
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--jobs", type=int, default=2, help="cases run side by side (default 2)")
     verify.add_argument("--only", metavar="CASES", help="comma-separated cases (deep-linear,srelu,relu,fig1,h-alexnet,counterexample)")
     verify.add_argument("--quiet", action="store_true", help="print only the table")
+
+    bench = sub.add_parser("bench", help="work-precision, reach and instrument cost of the dynamics (benchmarks/RESULTS.md)")
+    bench.add_argument("--quick", action="store_true", help="short caps and targets (under 5 minutes on 2 cores)")
+    bench.add_argument("--json", metavar="FILE", help="results file (default: OUT/results[-quick].json)")
+    bench.add_argument("--out", default="benchmarks", help="folder for the results and the figure (default: benchmarks)")
+    bench.add_argument("--problems", metavar="CASES", help="comma-separated: deep-linear,fig1-width1000 (default: both)")
+    bench.add_argument("--cap", type=float, metavar="SECONDS", help="time cap per dynamics and problem")
+    bench.add_argument("--no-overhead", action="store_true", help="skip the instrument-cost measurement")
+    bench.add_argument("--no-figure", action="store_true", help="do not draw the work-precision figure")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines or tables")
     return parser
 
 
@@ -110,6 +121,10 @@ def dispatch(args) -> int:
             from .verify import main as verify_main
 
             return verify_main(args)
+        elif args.command == "bench":
+            from .bench import main_from_args
+
+            return main_from_args(args)
         elif args.command == "config":
             import dataclasses
             from .experiments import get_experiment

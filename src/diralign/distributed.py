@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -70,16 +72,26 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _requested(overrides) -> bool:
-    """The last ``distributed=...`` among ``--set`` overrides (same parsing as the config)."""
+def _override(overrides, name: str, default):
+    """The last ``name=...`` among ``--set`` overrides (same parsing as the config)."""
     from .config import _convert
 
-    wanted = False
+    value = default
     for pair in overrides or []:
         key, _, raw = pair.partition("=")
-        if key.strip().replace("-", "_") == "distributed":
-            wanted = _convert(raw.strip(), bool, "distributed")
-    return wanted
+        if key.strip().replace("-", "_") == name:
+            value = _convert(raw.strip(), type(default), name)
+    return value
+
+
+def _device_of(args) -> str:
+    """The device a run or resume will use, known before the experiment is built."""
+    if getattr(args, "command", None) == "resume":
+        try:
+            return str(json.loads((Path(args.dir) / "config.json").read_text())["config"].get("device", "cpu"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return "cpu"  # resume_run reports a bad directory itself
+    return str(_override(getattr(args, "overrides", []), "device", "cpu"))
 
 
 def maybe_init(args) -> Optional["DataParallel"]:
@@ -93,7 +105,7 @@ def maybe_init(args) -> Optional["DataParallel"]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = getattr(args, "out", None) or getattr(args, "dir", None)
     if command == "run":
-        wanted = _requested(getattr(args, "overrides", []))
+        wanted = _override(getattr(args, "overrides", []), "distributed", False)
         if wanted and not launched:
             raise UserError(
                 "distributed=true needs a torchrun launch: torchrun --nproc_per_node=N -m diralign run ... --set distributed=true"
@@ -105,16 +117,16 @@ def maybe_init(args) -> Optional["DataParallel"]:
                     "(otherwise every process would train the whole problem into the same directory)"
                 )
             return None
-        return DataParallel.from_env(run_dir) if wanted else None
+        return DataParallel.from_env(run_dir, _device_of(args)) if wanted else None
     if command == "resume" and launched:
-        return DataParallel.from_env(run_dir)
+        return DataParallel.from_env(run_dir, _device_of(args))
     return None
 
 
 class DataParallel:
     """The distributed context of one rank; see the module docstring for the design."""
 
-    def __init__(self, rank: int, world_size: int, local_rank: int):
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: str = "cpu"):
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -126,13 +138,14 @@ class DataParallel:
         self.bounds: list[tuple[int, int]] = []
         self._sizes: list[int] = []
         self._max_size = 0
-        if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        if device.startswith("cuda") and torch.cuda.is_available() and local_rank < torch.cuda.device_count():
             # Before the experiment builds its tensors, so that device=cuda means this rank's GPU.
             torch.cuda.set_device(local_rank)
 
     @classmethod
-    def from_env(cls, run_dir: Optional[str] = None) -> "DataParallel":
-        context = cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    def from_env(cls, run_dir: Optional[str] = None, device: str = "cpu") -> "DataParallel":
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+        context = cls(rank, world, local, device)
         context.run_dir = None if run_dir is None else str(run_dir)
         return context
 

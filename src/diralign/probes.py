@@ -22,10 +22,10 @@ def ln_n_over_L(n: int, log_risk_value: float) -> float:  # noqa: N802 - the pap
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    na, nb = a.norm(), b.norm()
+    na, nb = float(a.norm()), float(b.norm())
     if na == 0 or nb == 0:
         return float("nan")
-    return float(torch.dot(a, b) / (na * nb))
+    return float(torch.dot(a, b)) / (na * nb)
 
 
 def normalized_margins(margins: torch.Tensor, param_norm: float, degree: Optional[int]) -> torch.Tensor:
@@ -62,15 +62,41 @@ def block_groups(names: list[str]) -> dict[str, list[int]]:
     return groups
 
 
-def block_panel(problem: Problem, w: torch.Tensor, grad: torch.Tensor, groups: dict[str, list[int]]) -> dict:
-    """Per-block norm share ``||U_j||^2/||W||^2`` and ``cos(U_j, -grad_{U_j})`` (Lemma E.1)."""
-    total = float(w.pow(2).sum())
+def _block(v: torch.Tensor, offsets: list[int], indices: list[int]) -> torch.Tensor:
+    """The entries of tensors ``indices`` of the flat ``v``: a view when they are adjacent."""
+    if all(b == a + 1 for a, b in zip(indices[:-1], indices[1:])):
+        return v[offsets[indices[0]] : offsets[indices[-1] + 1]]
+    return torch.cat([v[offsets[i] : offsets[i + 1]] for i in indices])
+
+
+def block_panel(
+    problem: Problem,
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    groups: dict[str, list[int]],
+    overall_alignment: Optional[float] = None,
+) -> dict:
+    """Per-block norm share ``||U_j||^2/||W||^2`` and ``cos(U_j, -grad_{U_j})`` (Lemma E.1).
+
+    Cheap enough to log at every step: blocks are views (no copies) where their tensors are
+    adjacent, three reductions each; a block that is all of ``W`` reuses
+    ``overall_alignment`` (the panel's ``alignment_cos``) when given.
+    """
+    total = None
     row = {}
     for key, indices in groups.items():
-        wb = torch.cat([w[problem.offsets[i] : problem.offsets[i + 1]] for i in indices])
-        gb = torch.cat([grad[problem.offsets[i] : problem.offsets[i + 1]] for i in indices])
-        row[f"share:{key}"] = float(wb.pow(2).sum()) / total if total > 0 else float("nan")
-        row[f"alignment_cos:{key}"] = cosine(wb, -gb)
+        if overall_alignment is not None and len(indices) == len(problem.names):
+            row[f"share:{key}"] = 1.0
+            row[f"alignment_cos:{key}"] = overall_alignment
+            continue
+        if total is None:
+            total = float(torch.dot(w, w))
+        wb = _block(w, problem.offsets, indices)
+        gb = _block(grad, problem.offsets, indices)
+        wb_norm, gb_norm = float(wb.norm()), float(gb.norm())
+        row[f"share:{key}"] = wb_norm**2 / total if total > 0 else float("nan")
+        # cos(U_j, -g_j) = -<U_j, g_j> / (|U_j| |g_j|): no negated copy of the gradient.
+        row[f"alignment_cos:{key}"] = -float(torch.dot(wb, gb)) / (wb_norm * gb_norm) if wb_norm > 0 and gb_norm > 0 else float("nan")
     return row
 
 
@@ -96,12 +122,16 @@ def panel(problem: Problem, w: torch.Tensor, ev: Evaluation, degree: Optional[in
         row["min_normalized_margin"] = float(normalized_margins(ev.margins, norm, None).min())
         row["normalized_smoothed_margin"] = float("nan")
     if ev.grad is not None:
-        row["alignment_cos"] = cosine(w, -ev.grad)
-        row["grad_norm"] = float(ev.grad.norm())
+        # Alignment and beta share three reductions over W (||W||, ||g||, <g, W>), so the
+        # panel stays cheap enough to log at every step of a large model.
+        grad_norm = float(ev.grad.norm())
+        grad_dot_w = float(torch.dot(ev.grad, w))
+        row["alignment_cos"] = -grad_dot_w / (norm * grad_norm) if norm > 0 and grad_norm > 0 else float("nan")
+        row["grad_norm"] = grad_norm
         if degree:
             # beta = <grad alpha, W>/k with grad alpha = -slope * grad log L.
             slope = losses.smoothed_margin_slope(log_risk_value, problem.loss)
-            row["beta"] = -slope * float(torch.dot(ev.grad, w)) / degree
+            row["beta"] = -slope * grad_dot_w / degree
         else:
             row["beta"] = float("nan")
     return row

@@ -56,9 +56,12 @@ def resolve_dtype_device(config):
 
 
 def apply_runtime_settings(config) -> None:
+    from .allocator import keep_freed_memory
+
     if int(config.threads) > 0:
         torch.set_num_threads(int(config.threads))
     torch.manual_seed(int(config.seed))
+    keep_freed_memory()  # big activations are reused, not page-faulted back every step
 
 
 def assumption_report(setup, config) -> dict:

@@ -90,7 +90,8 @@ class ArrayLog:
         return self.width * self.dtype.itemsize
 
     def append(self, row) -> None:
-        self._file.write(np.ascontiguousarray(row, dtype=self.dtype).tobytes())
+        # Write the array's buffer itself: no bytes copy of a (possibly 240 KB) direction row.
+        self._file.write(np.ascontiguousarray(row, dtype=self.dtype).data)
         self._file.flush()
 
     def rows(self) -> int:

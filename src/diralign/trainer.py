@@ -163,7 +163,7 @@ def make_row(ctx: TrainContext, state: TrainState) -> dict:
         path_length=state.path_length,
     )
     if state.ev.grad is not None:
-        row.update(probes.block_panel(ctx.problem, state.w, state.ev.grad, ctx.groups))
+        row.update(probes.block_panel(ctx.problem, state.w, state.ev.grad, ctx.groups, row.get("alignment_cos")))
     return row
 
 
@@ -248,6 +248,7 @@ def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainStat
     start = time.perf_counter()
     wall_at_start = state.wall_seconds
     last_checkpoint = start
+    direction = direction_of = None  # W/||W|| and the W it belongs to (path length)
     with _SignalFlag() as flag:
         while True:
             if ctx.distributed is None:  # distributed: rank 0's clock, shared by agree() below
@@ -262,13 +263,16 @@ def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainStat
             if reason is not None:
                 state.stop_reason = reason
                 break
-            old_direction = state.w / state.w.norm()
+            if direction_of is not state.w:  # W/||W|| of the last step is reused (one pass less)
+                direction, direction_of = state.w / state.w.norm(), state.w
+            old_direction = direction
             result = ctx.dynamics.step(state.w, state.ev, target=ctx.target)
             state.w, state.ev = result.w, result.ev
             state.steps += 1
             state.grad_evals += result.grad_evals
             state.rejected_steps += result.rejected
-            state.path_length += float((state.w / state.w.norm() - old_direction).norm())
+            direction, direction_of = state.w / state.w.norm(), state.w
+            state.path_length += float((direction - old_direction).norm())
             for cb in ctx.callbacks:
                 cb.on_step(ctx, state)
             now = time.perf_counter()

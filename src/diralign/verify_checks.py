@@ -127,6 +127,21 @@ class RunData:
         i = self.row_index(s)
         return self.directions[i] * float(self.log["param_norm"].iloc[i])
 
+    @property
+    def faithful(self) -> bool:
+        """Whether the numbers are the gradient flow's (error-controlled), not a discrete method's."""
+        return bool(self.summary.get("faithful_to_flow"))
+
+    def path_lengths(self) -> np.ndarray:
+        """Directional path length at each log point.  Flow runs: the trainer's per-step sum
+        (the instrument).  Discrete runs: chords between *logged* directions, which filter
+        the step-scale zigzag of GD iterates (on the flow both agree; measured on deep
+        linear to 2e-4 relative)."""
+        if self.faithful or self.directions is None:
+            return self.log["path_length"].to_numpy(dtype=np.float64)
+        chords = np.linalg.norm(np.diff(self.directions, axis=0), axis=1)
+        return np.concatenate([[0.0], np.cumsum(chords)])
+
     def theory_start(self) -> float:
         """``s_a``: the first logged ``ln(n/L)`` with ``L < l(0)`` (Assumption 2.3), at least 1."""
         below = self.log["below_loss_at_zero"].to_numpy() > 0
@@ -174,14 +189,23 @@ def path_length_plateau(run: RunData, case: str) -> Row:
     d = decades_of(run)
     if not d.valid:
         return too_short(claim, source, case, run)
-    first = run.at("path_length", 10 * d.s_a) - run.at("path_length", d.s_a)
-    last = run.at("path_length", d.S) - run.at("path_length", d.S / 10)
+    path = run.path_lengths()
+
+    def zeta(s):
+        return float(np.interp(s, run.s, path))
+
+    first = zeta(10 * d.s_a) - zeta(d.s_a)
+    last = zeta(d.S) - zeta(d.S / 10)
     ratio = last / first if first > 0 else math.inf
+    note = f"zeta grew {first:.3g} on [{d.s_a:.3g}, {10 * d.s_a:.3g}] and {last:.3g} on [{d.S / 10:.3g}, {d.S:.3g}]; total {path[-1]:.4g}"
+    status = verdict(ratio <= d.tolerance)
+    if not run.faithful:
+        status = INFO
+        note += (f"; dynamics {run.summary.get('dynamics')}: Thm 3.1 is about the flow, and the paper leaves discrete methods open "
+                 "(Sec. 5); zeta here sums chords between logged directions")
     return Row(
         claim, source, case, "path-length growth: last decade / first decade of ln(n/L)", "-> 0 (plateau)", ratio, d.describe(),
-        verdict(ratio <= d.tolerance),
-        f"zeta grew {first:.3g} on [{d.s_a:.3g}, {10 * d.s_a:.3g}] and {last:.3g} on [{d.S / 10:.3g}, {d.S:.3g}]; total {run.summary['path_length']:.4g}",
-        {"first_decade": first, "last_decade": last, "s_a": d.s_a, "S": d.S, "path_length": run.summary["path_length"]},
+        status, note, {"first_decade": first, "last_decade": last, "s_a": d.s_a, "S": d.S, "path_length": float(path[-1])},
     )
 
 
@@ -197,11 +221,14 @@ def margins_converge(run: RunData, case: str) -> Row:
     last = float(np.abs(run.margins_at(d.S) - run.margins_at(d.S / 10)).max())
     ratio = last / first if first > 0 else math.inf
     scale = float(np.abs(run.margins[-1]).max())
+    note = f"max change {first:.3g} then {last:.3g} ({last / scale:.2g} of max|q_i|) over n = {run.n} examples (margins stored as float32)"
+    status = verdict(ratio <= d.tolerance)
+    if not run.faithful:
+        status = INFO
+        note += f"; dynamics {run.summary.get('dynamics')} (Cor 3.2 is about the flow)"
     return Row(
         claim, source, case, "max_i |change of q_i|: last decade / first decade", "-> 0", ratio, d.describe(),
-        verdict(ratio <= d.tolerance),
-        f"max change {first:.3g} then {last:.3g} ({last / scale:.2g} of max|q_i|) over n = {run.n} examples (margins stored as float32)",
-        {"first_decade": first, "last_decade": last},
+        status, note, {"first_decade": first, "last_decade": last},
     )
 
 
@@ -228,6 +255,9 @@ def alignment(run: RunData, case: str, applies: bool = True, why_not: str = "") 
     if not applies:
         status = INFO
         note = f"{why_not}; {note}; the budget bounds only the average, not the end value"
+    if not run.faithful:
+        status = INFO
+        note += "; measured at discrete iterates, whose alignment carries step-size noise (README)"
     return Row(
         claim, source, case, "tan^2(angle) at the end", "-> 0", tan2,
         f"<= Lyu-Li budget B = {budget:.3g} (last decade)", status, note, {"cos": cos, "budget": budget},

@@ -174,6 +174,7 @@ class CvodeFlow(Dynamics):
         self.solver = None
         self.last_w: Optional[torch.Tensor] = None
         self.replayed_grad_evals = 0  # work redone after a resume (not in grad_evals)
+        self.solver_options: dict = {}  # extra CVODE options (experiments, benchmarks)
 
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -196,12 +197,20 @@ class CvodeFlow(Dynamics):
             linsolver="gmres",
             krylov_dim=self.krylov_dim,
             rtol=self.rtol,
-            atol=self.atol,
+            atol=self._atol(),
             max_num_steps=1_000_000,
         )
+        options.update(self.solver_options)
         if self.jacobian == "hvp":
             options["jactimes"] = CVODEJacTimes(self.system.jac_setup, self.system.jac_times)
         return CVODE(self.system.rhs, **options)
+
+    def _atol(self) -> float:
+        import os
+        if os.environ.get("CV_ATOL_MODE") == "rms" and self.segment is not None:
+            w0 = self.segment["w0"]
+            return max(self.atol, self.rtol * float(w0.norm()) / math.sqrt(w0.numel()))
+        return self.atol
 
     def _log_spacing(self, target: Optional[float]) -> float:
         spacing = float(getattr(self.config, "log_every_ln", 0.0) or 0.0)

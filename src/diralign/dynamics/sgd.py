@@ -53,16 +53,26 @@ class MinibatchSGD(Dynamics):
                 f"sgd needs eta > 0, max_update_ratio > 0 and eta_growth >= 1 "
                 f"(got eta={config.eta}, max_update_ratio={config.max_update_ratio}, eta_growth={config.eta_growth})"
             )
+        self.window = int(getattr(config, "accept_window", 1))
+        if self.window < 1:
+            raise UserError(f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.window}")
         self.generator = torch.Generator().manual_seed(int(config.seed) + 20_200_612)
         self.capped_updates = 0  # minibatch updates that hit the norm cap
+        self.recent: list[float] = []  # log L after the last `window` accepted epochs
 
     def state_dict(self) -> dict:
-        return {"eta": self.eta, "generator": self.generator.get_state(), "capped_updates": self.capped_updates}
+        return {
+            "eta": self.eta,
+            "generator": self.generator.get_state(),
+            "capped_updates": self.capped_updates,
+            "recent": list(self.recent),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.eta = float(state["eta"])
         self.generator.set_state(state["generator"])
         self.capped_updates = int(state.get("capped_updates", 0))
+        self.recent = [float(v) for v in state.get("recent", [])]
 
     @property
     def full_batch(self) -> bool:
@@ -95,13 +105,15 @@ class MinibatchSGD(Dynamics):
         n_total = self.problem.n
         rejected = 0
         self._spent = 0.0
+        self.recent = (self.recent + [ev.log_risk])[-self.window :]
+        bound = max(self.recent)
         while True:
             order = torch.randperm(n_total, generator=self.generator)
             w_new = self._epoch(w, ev, order)
             if w_new is not None:
                 new = self.problem.evaluate(w_new, need_grad=self.full_batch)
                 self._spent += 1.0 if self.full_batch else 0.0
-                if finite(new) and new.log_risk <= ev.log_risk:
+                if finite(new) and new.log_risk <= bound:
                     self.eta *= self.growth
                     return StepResult(w_new, new, round(self._spent), rejected)
             rejected += 1

@@ -30,9 +30,13 @@ from ..problem import Problem
 from .base import Experiment, Setup
 
 
+IN_MEMORY = "in-memory"  # model/data of a run started from Python (diralign.train)
+RESUME_HINT = "a run started from Python with in-memory data resumes with diralign.resume(DIR, model, X, y)"
+
+
 @dataclass
 class CustomConfig(TrainConfig):
-    model: str = ""  # package.module:factory or a registered name; "" = in-memory (Python API)
+    model: str = ""  # package.module:factory or a registered name ("in-memory": Python API)
     data: str = "separable"  # "separable" or an .npz file with X [n, d] / [n, C, H, W] and y [n]
     n: int = 60  # separable data only
     d: int = 6
@@ -92,7 +96,9 @@ class CustomExperiment(Experiment):
 
     def _data(self, config, dtype):
         if self.X is not None:
-            return torch.as_tensor(check_features(self.X)).to(dtype), self.y, {"data": "in-memory"}
+            return torch.as_tensor(check_features(self.X)).to(dtype), self.y, {"data": IN_MEMORY}
+        if config.data == IN_MEMORY:
+            raise UserError(f"this run's data were in memory; {RESUME_HINT}")
         if config.data == "separable":
             if config.n < 2 or config.d < 1:
                 raise UserError(f"need n >= 2 and d >= 1 (got n={config.n}, d={config.d})")
@@ -107,11 +113,10 @@ class CustomExperiment(Experiment):
             model = prepare_model(self.model, dtype, device)
             info["model"] = type(self.model).__name__
         else:
+            if config.model == IN_MEMORY:
+                raise UserError(f"this run's model was in memory; {RESUME_HINT}")
             if not config.model:
-                raise UserError(
-                    "this run needs a model: --set model=package.module:factory (a run started from Python with an "
-                    "in-memory model resumes with diralign.resume(DIR, model, X, y))"
-                )
+                raise UserError("diralign run custom needs a model: --set model=package.module:factory")
             num_classes, out_features = label_classes(np.asarray(y_raw))
             if config.num_classes:
                 num_classes = out_features = int(config.num_classes)

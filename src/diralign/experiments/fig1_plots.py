@@ -97,7 +97,15 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
     if "normalized_smoothed_margin" in log:
         ax.plot(x, log["normalized_smoothed_margin"], "--", label="normalised smoothed margin $\\tilde\\alpha$")
     ax.legend(fontsize=8)
-    ax.set_title("margins $/\\|W\\|^2$")
+    late = x >= (separable if separable is not None else x[0])
+    shown = [log[c].to_numpy()[late] for c in ("min_normalized_margin", "normalized_smoothed_margin") if c in log]
+    shown = np.concatenate(shown) if shown else np.array([])
+    shown = shown[np.isfinite(shown)]
+    if shown.size:  # the early smoothed margin is very negative: zoom on the late phase
+        low, high = float(shown.min()), float(shown.max())
+        pad = 0.1 * (high - low) or 0.1 * abs(high) or 1.0
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_title("margins $/\\|W\\|^2$ (zoomed after first perfect classification)")
     ax = axes[0, 1]
     ax.plot(x, log["alignment_cos"])
     ax.set_title("alignment $\\cos(W, -\\nabla L)$")
@@ -112,8 +120,9 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
     if surfaces is not None and len(surfaces):
         rows = min(len(surfaces), len(x))
         traj = np.asarray(surfaces[:rows], dtype=np.float64)
-        to_final = np.array([surface_distance(row, traj[-1]) for row in traj])
-        ax.semilogy(x[:rows], np.clip(to_final, 1e-16, None), label="from the final surface")
+        # The last row is the final surface itself (distance 0): not drawn on a log axis.
+        to_final = np.array([surface_distance(row, traj[-1]) for row in traj[:-1]])
+        ax.semilogy(x[: rows - 1], to_final, label="from the final surface")
         ntk = load_snapshot(run_dir, "a")
         if ntk is not None and "surface_values" in ntk:
             to_ntk = np.array([surface_distance(row, ntk["surface_values"]) for row in traj])
@@ -124,8 +133,8 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
     angles_path = run_dir / "angle_to_final.npy"
     if angles_path.exists():
         angles = np.load(angles_path)
-        m = min(len(angles), len(x))
-        ax.semilogy(x[:m], np.maximum(angles[:m], 1e-16))
+        m = min(len(angles), len(x)) - 1  # without the final point (angle 0)
+        ax.semilogy(x[:m], angles[:m])
     ax.set_title("angle of $W/\\|W\\|$ to the final direction (rad)")
     for ax in axes.flat:
         ax.set_xlabel("$\\ln(n/L)$")

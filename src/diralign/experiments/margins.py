@@ -51,6 +51,9 @@ class MarginsConfig(TrainConfig):
     dynamics: str = "sgd"
     dtype: str = "float32"
     chunk_size: int = 1000  # examples per forward/backward chunk (bounded memory)
+    # sgd: an epoch is accepted if its risk is at most the highest of the last
+    # accept_window accepted epochs (1: it must not raise the risk at all)
+    accept_window: int = 1
     target_risk: float = 1e-8  # the paper's goal L <= 1e-8 ...
     target_ln_n_over_L: Optional[float] = None  # ... i.e. ln n - ln(target_risk); set to override
     store_directions_max_params: int = 200_000  # keep W/||W|| (angle to final) for H-AlexNet
