@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--force", action="store_true", help="with --keep: replace runs already in DIR")
     verify.add_argument("--jobs", type=int, default=2, help="cases run side by side (default 2)")
     verify.add_argument("--only", metavar="CASES", help="comma-separated cases (deep-linear,srelu,relu,fig1,h-alexnet,counterexample)")
+    verify.add_argument("--integrator", help="flow integrator for the smooth cases (default: cvode if available, else dopri5)")
     verify.add_argument("--quiet", action="store_true", help="print only the table")
 
     bench = sub.add_parser("bench", help="work-precision, reach and instrument cost of the dynamics (benchmarks/RESULTS.md)")

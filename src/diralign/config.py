@@ -25,6 +25,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     loss: str = "logistic"
     # dynamics: flow (error-controlled gradient flow), gd (normalised GD), sgd, loss-based
+    # (Lyu & Li's lr = alpha / L), constant-gd (plain W -= eta grad L, the common baseline)
     dynamics: str = "flow"
     integrator: str = "dopri5"  # flow integrator: cvode (BDF, stiff-aware) or dopri5 (explicit reference)
     rtol: float = 1e-7
@@ -32,7 +33,7 @@ class TrainConfig:
     cvode_segment: float = 1.0  # cvode: segment length as a fraction of s (restart + resume granularity)
     cvode_jacobian: str = "hvp"  # cvode: J*v from Hessian-vector products (hvp) or difference quotients (dq)
     cvode_krylov_dim: int = 20  # cvode: GMRES Krylov dimension
-    eta: float = 1.0  # gd/sgd: initial step on log L (i.e. eta / L on L)
+    eta: float = 1.0  # gd/sgd: initial step on log L (i.e. eta / L on L); loss-based: initial alpha; constant-gd: the step on L
     eta_growth: float = 1.2  # gd: step growth after an accepted step (1 keeps it fixed)
     max_update_ratio: float = 0.1  # gd/sgd: reject steps with ||dW|| > ratio * ||W||
     batch_size: int = 512  # sgd

@@ -89,7 +89,7 @@ def _device_of(args) -> str:
     if getattr(args, "command", None) == "resume":
         try:
             return str(json.loads((Path(args.dir) / "config.json").read_text())["config"].get("device", "cpu"))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (AttributeError, OSError, ValueError, KeyError, TypeError):
             return "cpu"  # resume_run reports a bad directory itself
     return str(_override(getattr(args, "overrides", []), "device", "cpu"))
 

@@ -266,6 +266,7 @@ def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainStat
             if direction_of is not state.w:  # W/||W|| of the last step is reused (one pass less)
                 direction, direction_of = state.w / state.w.norm(), state.w
             old_direction = direction
+            ctx.dynamics.gradient_wanted = state.steps + 1 >= state.next_log_step  # see Dynamics.gradient_wanted
             result = ctx.dynamics.step(state.w, state.ev, target=ctx.target)
             state.w, state.ev = result.w, result.ev
             state.steps += 1

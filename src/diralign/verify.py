@@ -28,7 +28,7 @@ from typing import Optional
 from .errors import UserError
 from .verify_checks import FAIL, MISSING, PASS, Row
 
-FLOW = ["dynamics=flow", "threads=1"]
+FLOW = ["dynamics=flow", "threads=1"]  # + integrator=... (run_verify's choice)
 # ReLU kinks stall every error-controlled integrator we have, so non-smooth models run the
 # paper's normalised GD with updates capped at 1% of ||W|| (their rows are INFO: not the flow).
 GD = ["dynamics=gd", "threads=1", "max_update_ratio=0.01"]
@@ -43,18 +43,18 @@ class Profile:
 
 
 QUICK = Profile("quick", {
-    "deep-linear": FLOW + ["n=30", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=300"],
-    "srelu": FLOW + ["n=20", "width=20", "target_ln_n_over_L=200", "lp_grid_points=1000", "lp_certificate_step=0.02"],
+    "deep-linear": FLOW + ["n=30", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=10000"],
+    "srelu": FLOW + ["n=20", "width=20", "target_ln_n_over_L=10000", "lp_grid_points=1000", "lp_certificate_step=0.02"],
     "relu": GD + ["n=20", "width=20", "target_ln_n_over_L=100"],
-    "fig1": FLOW + ["n=20", "width=40", "target_ln_n_over_L=300", "ntk_target_ln_n_over_L=20", "surface_resolution=5", "contour_resolution=11"],
-    "h-alexnet": GD + ["model=h-alexnet", "subset=40", "dtype=float64", "target_ln_n_over_L=150", "loss=cross-entropy"],
+    "fig1": FLOW + ["n=20", "width=40", "target_ln_n_over_L=10000", "ntk_target_ln_n_over_L=20", "surface_resolution=5", "contour_resolution=11"],
+    "h-alexnet": GD + ["model=h-alexnet", "subset=30", "dtype=float64", "target_ln_n_over_L=100", "loss=cross-entropy"],
     "counterexample": 1e6,
 })
 FULL = Profile("full", {
-    "deep-linear": FLOW + ["n=60", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=1000"],
-    "srelu": FLOW + ["n=40", "width=40", "target_ln_n_over_L=1000"],
+    "deep-linear": FLOW + ["n=60", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=100000"],
+    "srelu": FLOW + ["n=40", "width=40", "target_ln_n_over_L=100000"],
     "relu": GD + ["n=40", "width=40", "target_ln_n_over_L=300"],
-    "fig1": FLOW + ["n=100", "width=200", "target_ln_n_over_L=300", "ntk_target_ln_n_over_L=100", "surface_resolution=9", "contour_resolution=21"],
+    "fig1": FLOW + ["n=100", "width=1000", "target_ln_n_over_L=10000", "ntk_target_ln_n_over_L=100", "surface_resolution=9", "contour_resolution=21"],
     "h-alexnet": GD + ["model=h-alexnet", "subset=100", "dtype=float64", "target_ln_n_over_L=1000", "loss=cross-entropy"],
     "counterexample": 1e8,
 })
@@ -62,13 +62,23 @@ FULL = Profile("full", {
 ORDER = ("h-alexnet", "srelu", "fig1", "deep-linear", "relu", "counterexample")
 
 
-def _run_case(name: str, setting, workdir: str) -> list[dict]:
+def default_integrator() -> str:
+    """CVODE (stiff-aware BDF) when this build has it: the late-phase flow is stiff, and it
+    reaches ln(n/L) = 1e4 in a few thousand gradients where dopri5 needs ~100 per unit of s."""
+    from .dynamics import FLOW_INTEGRATORS
+
+    return "cvode" if "cvode" in FLOW_INTEGRATORS else "dopri5"
+
+
+def _run_case(name: str, setting, workdir: str, integrator: str = "dopri5") -> list[dict]:
     """One case in a worker process (one torch thread each: the cases run side by side)."""
     import torch
 
     from .verify_cases import CASES
 
     torch.set_num_threads(1)
+    if isinstance(setting, list) and "dynamics=flow" in setting:
+        setting = setting + [f"integrator={integrator}"]
     start = time.perf_counter()
     try:
         rows = CASES[name](setting, Path(workdir))
@@ -84,19 +94,21 @@ def _run_case(name: str, setting, workdir: str) -> list[dict]:
     return out
 
 
-def run_verify(profile: Profile, workdir: Path, jobs: int = 2, cases: Optional[list[str]] = None, progress=None) -> list[dict]:
+def run_verify(profile: Profile, workdir: Path, jobs: int = 2, cases: Optional[list[str]] = None, progress=None,
+               integrator: Optional[str] = None) -> list[dict]:
     names = [c for c in ORDER if cases is None or c in cases]
+    integrator = integrator or default_integrator()
     results: dict[str, list[dict]] = {}
     if jobs <= 1:
         for name in names:
-            results[name] = _run_case(name, profile.cases[name], str(workdir))
+            results[name] = _run_case(name, profile.cases[name], str(workdir), integrator)
             if progress:
                 progress(name, results[name])
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {name: pool.submit(_run_case, name, profile.cases[name], str(workdir)) for name in names}
+            futures = {name: pool.submit(_run_case, name, profile.cases[name], str(workdir), integrator) for name in names}
             for name in names:
                 results[name] = futures[name].result()
                 if progress:
@@ -128,12 +140,12 @@ def _fmt(value) -> str:
 
 def format_table(rows: list[dict], width: int = 160) -> str:
     """The verdict table, then numbered notes (for every row)."""
-    headers = ("#", "claim (source)", "case", "quantity", "predicted", "measured", "tolerance", "verdict")
+    headers = ("#", "source: claim", "case", "quantity", "predicted", "measured", "tolerance", "verdict")
     cells = [
-        (str(i + 1), f"{r['claim']} ({r['source']})", r["case"], r["quantity"], r["predicted"], _fmt(r["measured"]), r["tolerance"], r["status"])
+        (str(i + 1), f"{r['source']}: {r['claim']}", r["case"], r["quantity"], r["predicted"], _fmt(r["measured"]), r["tolerance"], r["status"])
         for i, r in enumerate(rows)
     ]
-    limits = (3, 46, 22, 30, 26, 9, 34, 7)
+    limits = (3, 50, 22, 30, 26, 9, 34, 7)
     lines = []
 
     def clip(text, n):
@@ -147,7 +159,7 @@ def format_table(rows: list[dict], width: int = 160) -> str:
     lines.append("")
     lines.append("notes:")
     for i, r in enumerate(rows):
-        text = f"{r['claim']} [{r['case']}]: predicted {r['predicted']}; tolerance {r['tolerance']}. {r['note']}"
+        text = f"{r['source']}: {r['claim']} [{r['case']}]: predicted {r['predicted']}; tolerance {r['tolerance']}. {r['note']}"
         lines.append(textwrap.fill(text, width=min(width, 110), initial_indent=f"{i + 1:>3}. ", subsequent_indent="     "))
     counts = {status: sum(r["status"] == status for r in rows) for status in (PASS, FAIL, "INFO", MISSING)}
     lines.append("")
@@ -166,10 +178,19 @@ def main(args) -> int:
             raise UserError(f"unknown case(s) {', '.join(unknown)} for --only; choose from {', '.join(ORDER)}")
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    from .dynamics import FLOW_INTEGRATORS
+
+    integrator = args.integrator or default_integrator()
+    if integrator not in FLOW_INTEGRATORS:
+        raise UserError(f"unknown --integrator {integrator!r}; choose one of {', '.join(FLOW_INTEGRATORS)}")
     if args.json:
         parent = Path(args.json).resolve().parent
         if not parent.is_dir():
             raise UserError(f"--json {args.json}: folder {parent} does not exist; create it first")
+    if args.keep:
+        workdir = Path(args.keep)
+        if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())) and not args.force:
+            raise UserError(f"--keep {workdir} is not empty; pass --force to replace its runs or choose another folder")
     start = time.perf_counter()
 
     def progress(name, rows):
@@ -178,20 +199,17 @@ def main(args) -> int:
             print(f"  {name}: {len(rows)} rows in {seconds:.0f} s", flush=True)
 
     if not args.quiet:
-        print(f"diralign verify ({profile.name}): running {len(only or ORDER)} cases on {args.jobs} worker(s)...", flush=True)
+        print(f"diralign verify ({profile.name}): running {len(only or ORDER)} cases on {args.jobs} worker(s), flow integrator {integrator}...", flush=True)
     if args.keep:
-        workdir = Path(args.keep)
-        if workdir.exists() and any(workdir.iterdir()) and not args.force:
-            raise UserError(f"--keep {workdir} is not empty; pass --force to replace its runs or choose another folder")
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = run_verify(profile, workdir, args.jobs, only, progress)
+        rows = run_verify(profile, workdir, args.jobs, only, progress, integrator)
     else:
         with tempfile.TemporaryDirectory(prefix="diralign-verify-") as tmp:
-            rows = run_verify(profile, Path(tmp), args.jobs, only, progress)
+            rows = run_verify(profile, Path(tmp), args.jobs, only, progress, integrator)
     seconds = time.perf_counter() - start
     print(format_table(rows))
-    print(f"{profile.name} profile, {seconds:.0f} s wall on {os.cpu_count()} cores ({args.jobs} workers)")
+    print(f"{profile.name} profile, flow integrator {integrator}, {seconds:.0f} s wall on {os.cpu_count()} cores ({args.jobs} workers)")
     if args.json:
-        payload = {"profile": profile.name, "wall_seconds": seconds, "jobs": args.jobs, "rows": rows}
+        payload = {"profile": profile.name, "integrator": integrator, "wall_seconds": seconds, "jobs": args.jobs, "rows": rows}
         Path(args.json).write_text(json.dumps(payload, indent=1, allow_nan=False))
     return 1 if any(r["status"] == FAIL for r in rows) else 0

@@ -232,7 +232,8 @@ def saliency_row(run: RunData, case: str, count: int = 4) -> Row:
     ratio = last / first if first > 0 else math.inf
     return Row(
         claim, source, case, f"max change of {count} saliency directions: last / first decade", "-> 0", ratio, d.describe(),
-        verdict(ratio <= d.tolerance), f"chord change {first:.3g} then {last:.3g} (margins have Lipschitz gradients: squared ReLU)", {},
+        verdict(ratio < d.tolerance),
+        f"chord change {first:.3g} then {last:.3g} for examples 0-{count - 1} (grad_x f is continuous in W/||W||); {d.rate(ratio)}", {},
     )
 
 
@@ -336,18 +337,26 @@ def counterexample_case(sigma_end: float, workdir: Path) -> list[Row]:
     first = at(zeta, 10 * lo) - at(zeta, lo)
     last = at(zeta, sigma_end) - at(zeta, sigma_end / 10)
     ratio = last / first
-    apart = math.log10(sigma_end / 10 / lo)
     late = (sigma >= lo)
+    # The same winding read on the ln(n/L) axis, where definable models are tested: ln(n/L) ~ e^{k^2 sigma},
+    # so a decade of ln(n/L) is ever less sigma and the increments shrink like 1/ln(n/L).
+    lnln = flow.log_ln_n_over_L()
+
+    def zeta_at_s(s):
+        return float(np.interp(math.log(s), lnln, zeta))
+
+    s_ratio = (zeta_at_s(1e4) - zeta_at_s(1e3)) / (zeta_at_s(1e2) - zeta_at_s(1e1))
     slope, intercept = np.polyfit(np.log10(sigma[late]), zeta[late], 1)
     fit = np.polyval([slope, intercept], np.log10(sigma[late]))
     r2 = 1.0 - float(((zeta[late] - fit) ** 2).sum() / ((zeta[late] - zeta[late].mean()) ** 2).sum())
     rows = [Row(
-        "without definability the direction need not converge: path length grows without bound", "Lyu & Li 2020 App. J; DESIGN",
+        "without definability the direction need not converge: path length grows without bound", "Thm 3.1 (contrast; Lyu & Li 2020 App. J)",
         case, "path-length growth per decade of sigma: last / first", ">= 1 (linear in log sigma; -> ln 10 per decade)", ratio,
         ">= 1 - 1e-6 (integrator rtol 1e-8)", verdict(ratio >= 1 - 1e-6),
         f"zeta +{first:.3f} on [1e2, 1e3], +{last:.3f} on [{sigma_end / 10:.0e}, {sigma_end:.0e}], total {zeta[-1]:.3f} rad; "
-        f"linear fit in log10 sigma: {slope:.3f} rad/decade, R^2 = {r2:.4f}; the plateau test (<= {0.5 ** apart:.3g}) fails, as it must; "
-        f"ln ln(n/L) reaches {flow.log_ln_n_over_L()[-1]:.3g}",
+        f"linear fit in log10 sigma: {slope:.3f} rad/decade, R^2 = {r2:.4f}; the plateau test (ratio < 1) fails here, as it must. "
+        f"But read on the ln(n/L) axis the same spiral's decade [1e3, 1e4] grows {s_ratio:.2f} x decade [10, 100]: it looks like "
+        f"slow convergence there, so the Thm 3.1 rows cannot rule such spirals out at finite ln(n/L); ln ln(n/L) reaches {lnln[-1]:.3g}",
         {"first_decade": first, "last_decade": last, "slope_per_decade": slope, "r2": r2},
     )]
     # Reference: the same flow in the plane, in closed form (independent code: hand-written gradient, no torch).

@@ -10,13 +10,18 @@ the row:
   the deep-linear conservation laws) get the integrator's or the floating-point
   tolerance only.
 * **Limits without a rate in the paper** ("X converges", "e -> 0") use the *decade test*:
-  the change over the last decade of ``ln(n/L)`` against the change over the first decade
-  after Assumption 2.3 holds must have shrunk at least twofold per decade between them,
-  ``ratio <= 0.5^Delta``.  Finite path length (Theorem 3.1) means decade increments are
-  summable; a quantity that drifts forever (the counterexample, whose direction winds
-  round the sphere at a steady rate per decade of its clock) keeps ``ratio ~ 1``.  The
-  known rates of the solvable cases (``~1/s`` for linear and deep linear directions, so
-  ~tenfold per decade) pass it with room; a wrong limit or a random walk does not.
+  the change over the last decade of ``ln(n/L)`` must be smaller than the change over the
+  first decade after Assumption 2.3 holds (``ratio < 1``; reported with the per-decade
+  factor ``r = ratio^(1/Delta)``, ``Delta`` the decades between the windows, and the
+  exponent ``p = -log10 r`` of the equivalent power law ``s^-p``).  Finite path length
+  (Theorem 3.1) needs the decade increments to be summable; the theorem gives no rate, so
+  only shrinking is required.  Why not more: a part of ``W`` that stops growing (an
+  unbalanced layer, a neuron that stops growing) shrinks relative to ``||W|| ~ s^(1/k)``,
+  so ``W/||W||`` can converge as slowly as ``s^(-1/k)`` (``p = 1/k``: 0.2 for H-AlexNet), and
+  the counterexample's winding, read on the ``ln(n/L)`` axis, shrinks like ``1/ln s`` --
+  an apparent ``p`` of about 0.25 at ``s <= 1e4``.  No finite-horizon rate threshold on
+  this axis separates the two; the counterexample's rows therefore use its own clock
+  ``sigma`` (``~ ln||W||``), where its increments do not shrink at all.
 * **Alignment** (Theorem 4.1) uses Lyu & Li's exact budget: along the flow
   ``d ln(alpha~) >= k tan^2(theta) d ln ||W||`` (from ``beta >= alpha``, Lemma C.5), so over
   the last decade the ``ln||W||``-average of ``tan^2 theta`` is at most
@@ -35,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 PASS, FAIL, INFO, MISSING = "PASS", "FAIL", "INFO", "N/A"
-DECADE_FACTOR = 0.5  # required shrink per decade (see the module docstring)
+DECADE_LIMIT = 1.0  # the last decade's change must be below the first's (see the module docstring)
 LEMMA_C5_ROUNDING = 1e-9  # relative: beta = <grad alpha, W>/k sums P float64 products
 
 
@@ -168,10 +173,17 @@ class Decades:
 
     @property
     def tolerance(self) -> float:
-        return DECADE_FACTOR**self.apart
+        return DECADE_LIMIT
 
     def describe(self) -> str:
-        return f"<= 0.5^{self.apart:.2f} = {self.tolerance:.3g} (x2 shrink per decade)"
+        return f"< 1 (shrinking; windows {self.apart:.2f} decades apart)"
+
+    def rate(self, ratio: float) -> str:
+        """Per-decade factor and power-law exponent equivalent to ``ratio``."""
+        if not (ratio > 0 and math.isfinite(ratio) and self.apart > 0):
+            return ""
+        r = ratio ** (1.0 / self.apart)
+        return f"per decade x{r:.3g} (like s^-{-math.log10(r):.2f})"
 
 
 def decades_of(run: RunData) -> Decades:
@@ -198,7 +210,8 @@ def path_length_plateau(run: RunData, case: str) -> Row:
     last = zeta(d.S) - zeta(d.S / 10)
     ratio = last / first if first > 0 else math.inf
     note = f"zeta grew {first:.3g} on [{d.s_a:.3g}, {10 * d.s_a:.3g}] and {last:.3g} on [{d.S / 10:.3g}, {d.S:.3g}]; total {path[-1]:.4g}"
-    status = verdict(ratio <= d.tolerance)
+    status = verdict(ratio < d.tolerance)
+    note += f"; {d.rate(ratio)}; a bounded part of W would give s^-{1 / run.degree:.2f} (1/k)" if run.degree else ""
     if not run.faithful:
         status = INFO
         note += (f"; dynamics {run.summary.get('dynamics')}: Thm 3.1 is about the flow, and the paper leaves discrete methods open "
@@ -221,8 +234,8 @@ def margins_converge(run: RunData, case: str) -> Row:
     last = float(np.abs(run.margins_at(d.S) - run.margins_at(d.S / 10)).max())
     ratio = last / first if first > 0 else math.inf
     scale = float(np.abs(run.margins[-1]).max())
-    note = f"max change {first:.3g} then {last:.3g} ({last / scale:.2g} of max|q_i|) over n = {run.n} examples (margins stored as float32)"
-    status = verdict(ratio <= d.tolerance)
+    note = f"max change {first:.3g} then {last:.3g} ({last / scale:.2g} of max|q_i|) over n = {run.n} examples (margins stored as float32); {d.rate(ratio)}"
+    status = verdict(ratio < d.tolerance)
     if not run.faithful:
         status = INFO
         note += f"; dynamics {run.summary.get('dynamics')} (Cor 3.2 is about the flow)"
@@ -245,6 +258,8 @@ def alignment(run: RunData, case: str, applies: bool = True, why_not: str = "") 
     """Theorem 4.1: cos(W, -grad L) -> 1; the final tan^2 must sit in Lyu & Li's budget."""
     claim, source = "alignment: cos(W, -grad L) -> 1", "Thm 4.1"
     d = decades_of(run)
+    if not run.degree:
+        return missing_row(claim, source, case, "the model is not homogeneous (no Lyu-Li budget)")
     if not d.valid:
         return too_short(claim, source, case, run)
     cos = float(run.log["alignment_cos"].iloc[-1])
@@ -268,6 +283,8 @@ def lyu_li_average(run: RunData, case: str) -> Row:
     """Lyu & Li's inequality itself: ln||W||-average of tan^2 over the last decade <= B."""
     claim, source = "d ln alpha~ >= k tan^2(theta) d ln||W|| along the flow", "Lyu & Li 2020 (via Lemma C.5)"
     d = decades_of(run)
+    if not run.degree:
+        return missing_row(claim, source, case, "the model is not homogeneous")
     if not d.valid:
         return too_short(claim, source, case, run)
     mask = (run.s >= d.S / 10) & (run.s <= d.S)
@@ -286,6 +303,8 @@ def lyu_li_average(run: RunData, case: str) -> Row:
 def smoothed_margin_monotone(run: RunData, case: str) -> Row:
     """Lyu & Li: alpha~ = alpha/||W||^k is nondecreasing once L < l(0)."""
     claim, source = "normalised smoothed margin alpha~ is nondecreasing", "Lyu & Li 2020, Thm 4.1"
+    if not run.degree:
+        return missing_row(claim, source, case, "the model is not homogeneous")
     rows = run.log[run.log["below_loss_at_zero"] > 0]
     a = rows["normalized_smoothed_margin"].to_numpy(dtype=np.float64)
     if len(a) < 2:
@@ -326,19 +345,18 @@ def lemma_c5(run: RunData, case: str) -> Row:
 
 
 def decaying_error(claim, source, case, quantity, run: RunData, error_at, floor: float, floor_why: str, note: str = "") -> Row:
-    """Decade test for an error that must tend to 0: ``e(S) / e(10 s_a) <= 0.5^Delta``,
-    ``Delta = log10(S / (10 s_a))``, or ``e(S) <= floor`` (the references' own accuracy)."""
+    """Decade test for an error that must tend to 0: ``e(S) < e(10 s_a)`` (it shrank over the
+    run after the first decade), or ``e(S) <= floor`` (the references' own accuracy)."""
     d = decades_of(run)
     if not d.valid:
         return too_short(claim, source, case, run)
     start = 10 * d.s_a
     e0, e1 = float(error_at(start)), float(error_at(d.S))
-    apart = math.log10(d.S / start)
-    tolerance = DECADE_FACTOR**apart
     ratio = e1 / e0 if e0 > 0 else math.inf
-    ok = e1 <= floor or ratio <= tolerance
+    window = Decades(start, 10 * d.S)  # e(S) against e(10 s_a): log10(S / (10 s_a)) decades apart
+    ok = e1 <= floor or ratio < DECADE_LIMIT
     return Row(
-        claim, source, case, quantity, "-> 0", e1,
-        f"e(S) <= {tolerance:.3g} e({start:.3g}) [x2 per decade] or <= {floor:g} ({floor_why})",
-        verdict(ok), (note + "; " if note else "") + f"e({start:.3g}) = {e0:.3g}, ratio {ratio:.3g}", {"error_start": e0, "ratio": ratio},
+        claim, source, case, quantity, "-> 0", e1, f"< e({start:.3g}) (shrinking) or <= {floor:g} ({floor_why})",
+        verdict(ok), (note + "; " if note else "") + f"e({start:.3g}) = {e0:.3g}, ratio {ratio:.3g}; {window.rate(ratio)}",
+        {"error_start": e0, "ratio": ratio},
     )

@@ -77,7 +77,15 @@ def settings_for(quick: bool, problems=None, cap=None) -> Settings:
     return settings
 
 
-def run_bench(settings: Settings, json_path: Path, figure_stem=None, overhead: bool = True, command: str = "", log=print) -> dict:
+def run_bench(
+    settings: Settings,
+    json_path: Path,
+    figure_stem=None,
+    overhead: bool = True,
+    command: str = "",
+    log=print,
+    overhead_cases=OVERHEAD_CASES,
+) -> dict:
     """Run everything, write ``json_path`` (and the figure, from that file); return the results."""
     from .overhead import measure_overhead
 
@@ -98,7 +106,7 @@ def run_bench(settings: Settings, json_path: Path, figure_stem=None, overhead: b
             continue
         results["problems"][case] = run_problem(case, settings, log=log)
     if overhead:
-        for case in OVERHEAD_CASES:
+        for case in overhead_cases:
             if not available(case):
                 results["skipped"].append(f"instrument cost on {case}: its experiment is not registered")
                 continue

@@ -46,6 +46,7 @@ def plot_results(results: dict, stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     problems = results["problems"]
     fig, axes = plt.subplots(len(problems), 3, figsize=(16, 4.6 * len(problems)), squeeze=False)
@@ -81,14 +82,16 @@ def plot_results(results: dict, stem: Path) -> list[Path]:
         ax_cos.set(xscale="log", yscale="log", xlabel=r"$\ln(n/L)$", ylabel=r"$1 - \cos\theta$ (alignment reported)", title=f"{case}: alignment each dynamics reports")
         for ax in axes[row]:
             ax.grid(True, which="major", alpha=0.3)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
         handles = [Line2D([], [], color=colours[label], lw=2, label=label) for label in labels]
         handles += [Line2D([], [], color="gray", marker=m, ls="", label=f"ln(n/L) = {t}") for t, m in MARKERS.items() if t in section["reference"]["targets"]]
         ax_evals.legend(handles=handles, fontsize=7, loc="lower left")
         ax_cos.legend(fontsize=7, loc="lower left")
     machine = results.get("machine", {})
+    load = machine.get("load_average_start") or [float("nan")]
     fig.suptitle(
         f"diralign bench{' --quick' if results.get('quick') else ''}: work-precision against a tight flow "
-        f"({machine.get('cpu', '?')}, load average {machine.get('load_average_start', ['?'])[0]})",
+        f"({machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, 1-minute load average {load[0]:.1f} at start)",
         fontsize=11,
     )
     fig.tight_layout()

@@ -4,21 +4,23 @@
 
 *Instrumented*: the project's trainer (``trainer.train_loop``) with the whole instrument
 panel logged at **every** step -- ``probes.panel`` and ``block_panel`` (margins, smoothed
-margin, beta, alignment overall and per block), a row of ``log.csv``, every example's
-normalised margin (``margins.bin``) and ``W/||W||`` (``directions.bin``), path length --
-into a real run directory, with the problem's oracle (``Problem.evaluate``) doing the
-forward/backward.  Checkpoint writes (an fsync each) are not instruments; they are timed and
-reported apart.  Experiment callbacks (e.g. Fig. 1's surface on a grid) are left out of
-``ratio`` and measured as ``ratio_with_experiment_callbacks``.
+margin, beta, alignment overall and per block), path length, a row of ``log.csv``, every
+example's normalised margin (``margins.bin``) and ``W/||W||`` (``directions.bin``) -- into a
+real run directory, with the problem's oracle (``Problem.evaluate``) doing the
+forward/backward.  Checkpoints are not instruments and are skipped (``_NoCheckpointStore``).
+Experiment callbacks (e.g. Fig. 1's surface on a grid) are left out of ``ratio`` and
+measured as ``ratio_with_experiment_callbacks``.
 
 *Bare*: the loop a user would write: ``model(X)``, the log-space risk, ``autograd.grad``,
 ``p -= eta * g``, nothing else.
 
-Both do the same optimisation steps from the same ``W0``, in the same process, advancing
-alternately a few steps at a time (so a shared machine's changing load hits both alike);
-the final weights are compared to prove the steps were the same.  Full-batch problems use ``gd`` with a fixed step
-(no growth, no cap: one evaluation per step, none rejected); minibatch problems use ``sgd``
-with a fixed step (one epoch per step), and the bare loop replays its shuffles.
+Both do the same optimisation steps from the same ``W0`` (``FixedStep``: a fixed step on
+``log L``, full batch; or a fixed-step epoch of the paper's SGD, whose shuffles the bare loop
+replays), in the same process, advancing alternately a few steps at a time so that a shared
+machine's changing load hits both alike; the final weights are compared to prove the steps
+were the same.  A minibatch step computes no full-data gradient, but alignment needs one at
+every log point: ``FixedStep`` (like ``sgd``) takes it with its end-of-epoch forward pass when
+the trainer says a log point follows (``Dynamics.gradient_wanted``), so that pass is reused.
 """
 
 from __future__ import annotations
@@ -42,30 +44,24 @@ from .problems import case_config
 SGD_SEED_OFFSET = 20_200_612  # MinibatchSGD's generator seed offset (replayed by the bare loop)
 
 
-class _TimedStore:
-    """A RunDir whose checkpoint writes are timed, wall and CPU (they are not instruments)."""
+class _NoCheckpointStore:
+    """A RunDir that skips checkpoints: the trainer writes one at the end of every
+    ``train_loop`` call, i.e. after every chunk here, where a real run writes one every 30 s.
+    Checkpoints are not instruments, and their fsyncs would stall the next appends (pages
+    under writeback), charging the instruments for them."""
 
     def __init__(self, store: RunDir):
         self._store = store
-        self.checkpoint_seconds = 0.0
-        self.checkpoint_cpu_seconds = 0.0
+        self.skipped_checkpoints = 0
 
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def _timed(self, fn, *args):
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            return fn(*args)
-        finally:
-            self.checkpoint_seconds += time.perf_counter() - wall
-            self.checkpoint_cpu_seconds += time.process_time() - cpu
-
     def positions(self):
-        return self._timed(self._store.positions)
+        return {}
 
     def save_checkpoint(self, payload):
-        return self._timed(self._store.save_checkpoint, payload)
+        self.skipped_checkpoints += 1
 
 
 class FixedStep(Dynamics):
@@ -89,7 +85,8 @@ class FixedStep(Dynamics):
         for batch in torch.randperm(self.problem.n, generator=self.generator).split(self.batch_size):
             part = self.problem.evaluate_subset(w, batch)
             w = w - (self.eta * math.exp(min(part.log_risk - log_full, 700.0))) * part.grad
-        return StepResult(w, self.problem.evaluate(w, need_grad=False), 1, 0)
+        # The full-data risk scales the next epoch; its gradient only if a log point follows.
+        return StepResult(w, self.problem.evaluate(w, need_grad=self.gradient_wanted), 1, 0)
 
 
 def _fixed_step_config(config, eta: float, steps: int):
@@ -112,7 +109,7 @@ class Instrumented:
 
     def __init__(self, experiment, setup, config, dynamics, with_callbacks: bool, directory):
         problem = setup.problem
-        self.store = _TimedStore(RunDir.create(directory)) if directory is not None else None
+        self.store = _NoCheckpointStore(RunDir.create(directory)) if directory is not None else None
         self.ctx = TrainContext(
             problem=problem,
             dynamics=dynamics,
@@ -211,7 +208,7 @@ class Bare:
                 batch = batch.to(X.device)
                 lr = _log_risk(self.problem, self.model(X[batch]), y[batch])
                 grads = torch.autograd.grad(lr, params)
-                scale = math.exp(min(float(lr) - self.log_full, 700.0))
+                scale = math.exp(min(float(lr.detach()) - self.log_full, 700.0))
                 with torch.no_grad():
                     for p, g in zip(params, grads):
                         p.sub_((eta * scale) * g)
@@ -245,7 +242,7 @@ def stable_eta(problem, w0, steps: int, batch_size: int, seed: int) -> float:
     raise FloatingPointError("no fixed step lowers the risk at every step; the overhead benchmark cannot match the steps")
 
 
-STAGES = ("bare", "oracle", "probes", "instrumented")
+STAGES = ("bare", "oracle", "probes", "logged", "instrumented")
 
 
 def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool = True, threads: int = 1) -> dict:
@@ -254,9 +251,10 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
     Four loops do the same steps, alternately ``chunk`` steps at a time until each has done
     ``steps`` (so a machine whose load changes from one second to the next slows all alike):
     ``bare``; ``oracle`` (the update through ``Problem.evaluate``, no trainer); ``probes``
-    (the trainer computing the panel at every step, no run directory); ``instrumented`` (the
-    full panel written to a run directory).  ``ratio`` is instrumented/bare; the others say
-    where the difference goes.  CPU time (``time.process_time``) is reported beside wall time.
+    (the trainer computing the panel at every step, no run directory); ``logged`` (panel,
+    ``log.csv`` and margins written, but not ``W/||W||``); ``instrumented`` (everything,
+    ``directions.bin`` included).  ``ratio`` is instrumented/bare; the others say where the
+    difference goes.  CPU time (``time.process_time``) is reported beside wall time.
     """
     from ..runner import build
 
@@ -280,6 +278,8 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
             "bare": Bare(problem, w0, eta, batch_size, seed),
             "oracle": OracleOnly(problem, w0, dynamics()),
             "probes": Instrumented(experiment, setup, config, dynamics(), False, None),
+            "logged": Instrumented(experiment, setup, dataclasses.replace(config, store_directions_max_params=0), dynamics(), False,
+                                   Path(tmp) / "no-directions"),
             "instrumented": Instrumented(experiment, setup, config, dynamics(), False, Path(tmp) / "panel"),
         }
         if with_callbacks:
@@ -290,18 +290,13 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
         while done < steps:
             k = min(chunk, steps - done)
             for name in names:
-                store = getattr(loops[name], "store", None)
-                before = (store.checkpoint_seconds, store.checkpoint_cpu_seconds) if store is not None else None
                 wall, cpu = _timed(loops[name].run, k)
-                if store is not None:  # checkpoint writes (fsync) are not instruments
-                    wall -= store.checkpoint_seconds - before[0]
-                    cpu -= store.checkpoint_cpu_seconds - before[1]
                 totals[name][0] += wall
                 totals[name][1] += cpu
             done += k
         rows = loops["instrumented"].close()
-        checkpoint_seconds = loops["instrumented"].store.checkpoint_seconds
         loops["probes"].close()
+        loops["logged"].close()
         if with_callbacks:
             loops["with_callbacks"].close()
         w_bare, w_inst = loops["bare"].w, loops["instrumented"].w
@@ -321,7 +316,6 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
         "logged_rows": rows,
         "seconds": {name: totals[name][0] for name in names},
         "cpu_seconds": {name: totals[name][1] for name in names},
-        "checkpoint_seconds": checkpoint_seconds,
         "ratio": totals["instrumented"][0] / bare_wall,
         "ratio_cpu_time": totals["instrumented"][1] / bare_cpu if bare_cpu > 0 else None,
         "stage_ratios": {name: totals[name][0] / bare_wall for name in names},

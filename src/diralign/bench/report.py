@@ -22,6 +22,10 @@ def _num(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _cos(value) -> str:
+    return "--" if value is None else f"{value:.6f}"
+
+
 def reach_table(case: str, section: dict) -> str:
     targets = [f"{t:g}" for t in section["targets"]]
     head = "| dynamics | " + " | ".join(f"ln(n/L) = {t}: evals / s" for t in targets) + " | furthest ln(n/L) (stop) |"
@@ -58,7 +62,7 @@ def precision_table(case: str, section: dict) -> str:
             if not at or not at["reached"]:
                 cells.append("not reached")
             else:
-                cells.append(f"{_num(at['direction_error'])} / {at['alignment_cos']:.6f} ({at['reference_alignment_cos']:.6f})")
+                cells.append(f"{_num(at['direction_error'])} / {_cos(at['alignment_cos'])} ({_cos(at['reference_alignment_cos'])})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     check = section.get("reference_check")
     if check:
@@ -68,16 +72,16 @@ def precision_table(case: str, section: dict) -> str:
 
 
 def overhead_table(overheads: dict) -> str:
-    lines = ["| problem | steps (rows logged) | bare s/step | oracle | + probes | + run directory (= ratio) | ratio, CPU time | with experiment callbacks | same steps |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| problem | steps (rows logged) | bare s/step | oracle | + probes | + log, margins | + directions (= ratio) | ratio, CPU time | with experiment callbacks | same steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for case, o in overheads.items():
         if "error" in o:
-            lines.append(f"| {case} | {o['error']} |||||||")
+            lines.append(f"| {case} | {o['error']} ||||||||")
             continue
         r = o["stage_ratios"]
         lines.append(
             f"| {case} ({o['dynamics']}, P = {o['parameters']:,}, {o['dtype']}) | {o['steps']} ({o['logged_rows']}) | "
-            f"{_num(o['seconds_per_step_bare'])} | {r['oracle']:.3f} | {r['probes']:.3f} | **{o['ratio']:.3f}** | "
+            f"{_num(o['seconds_per_step_bare'])} | {r['oracle']:.3f} | {r['probes']:.3f} | {r['logged']:.3f} | **{o['ratio']:.3f}** | "
             f"{_num(o['ratio_cpu_time'])} | {_num(o.get('ratio_with_experiment_callbacks'))} | {o['same_steps']} |"
         )
     return "\n".join(lines)
@@ -86,7 +90,9 @@ def overhead_table(overheads: dict) -> str:
 def acceptance_lines(acc: dict) -> str:
     lines = []
     reach = acc.get("deep_linear_reach")
-    if reach:
+    if reach and reach["met"] is None:
+        lines.append(f"- deep linear reach: not measured ({reach['note']})")
+    elif reach:
         lines.append(
             f"- deep linear: best dynamics to ln(n/L) = 1000 with direction error <= 1e-6: "
             f"{reach['best_dynamics']} ({_num(reach['best_grad_evals_to_1000'])} evals, error {_num(reach['best_direction_error_at_1000'])}); "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..config import apply_overrides
 from ..dynamics import FLOW_INTEGRATORS, make_dynamics
@@ -46,29 +47,35 @@ def flow_contender(integrator: str, rtol: float) -> Contender:
 class Settings:
     quick: bool
     problems: tuple[str, ...] = ("deep-linear", "fig1-width1000")
-    targets: tuple[float, ...] = (10.0, 30.0, 100.0, 1000.0, 10000.0)
-    reference_targets: tuple[float, ...] = (10.0, 30.0, 100.0, 1000.0)
+    targets: tuple[float, ...] = (10.0, 30.0, 100.0, 1000.0, 10000.0)  # reach
+    # per problem: (integrator, rtol, targets) of the reference flow.  Deep linear: the
+    # explicit dopri5, independent of the CVODE contenders it judges; Fig. 1: only CVODE
+    # gets to 1000 (the explicit method needs ~1e3 evaluations per unit of ln(n/L) there).
+    references: dict = field(default_factory=lambda: {
+        "deep-linear": ("dopri5", 1e-10, (10.0, 30.0, 100.0, 1000.0)),
+        "fig1-width1000": ("cvode", 1e-10, (10.0, 30.0, 100.0, 1000.0)),
+    })
     time_cap: float = 180.0  # seconds per contender per problem
+    eval_cap: Optional[int] = None  # and/or gradient evaluations (deterministic, for tests)
     reference_cap: float = 1800.0
-    check_cap: float = 300.0  # the reference check (0: skip it)
+    check_cap: float = 300.0  # the reference check: the other integrator, same rtol (0: skip)
     tolerances: dict = field(default_factory=lambda: {"cvode": (1e-4, 1e-6, 1e-8), "dopri5": (1e-4, 1e-6, 1e-8)})
-    references: dict = field(default_factory=lambda: {"deep-linear": ("dopri5", 1e-10), "fig1-width1000": ("cvode", 1e-10)})
-    tune_steps: int = 300
-    overhead_steps: int = 40
-    overhead_repeats: int = 3
+    tune_steps: int = 300  # constant-gd step trials
+    overhead_steps: int = 200  # Fig. 1 steps (H-AlexNet: a tenth, in epochs)
 
 
 QUICK = Settings(
     quick=True,
-    reference_targets=(10.0, 30.0, 100.0),
-    time_cap=5.0,
+    references={
+        "deep-linear": ("dopri5", 1e-9, (10.0, 30.0, 100.0)),
+        "fig1-width1000": ("cvode", 1e-8, (10.0, 30.0)),
+    },
+    time_cap=4.0,
     reference_cap=60.0,
     check_cap=0.0,
     tolerances={"cvode": (1e-4, 1e-6, 1e-8), "dopri5": (1e-4, 1e-6)},
-    references={"deep-linear": ("dopri5", 1e-10), "fig1-width1000": ("cvode", 1e-9)},
-    tune_steps=150,
-    overhead_steps=8,
-    overhead_repeats=2,
+    tune_steps=100,
+    overhead_steps=20,
 )
 FULL = Settings(quick=False)
 
@@ -137,17 +144,17 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
         "n": problem.n,
         "dtype": str(problem.dtype).replace("torch.", ""),
         "targets": list(settings.targets),
-        "reference_targets": list(settings.reference_targets),
         "time_cap_seconds": settings.time_cap,
     }
-    integrator, rtol = settings.references[case]
+    integrator, rtol, reference_targets = settings.references[case]
+    section["reference_targets"] = list(reference_targets)
     ref_spec = flow_contender(integrator, rtol)
-    log(f"[{case}] reference {ref_spec.label} -> ln(n/L) = {max(settings.reference_targets):g}")
-    reference = _run(ref_spec.label, problem, w0, config, ref_spec.overrides, settings.reference_targets, settings.reference_cap)
+    log(f"[{case}] reference {ref_spec.label} -> ln(n/L) = {max(reference_targets):g}")
+    reference = _run(ref_spec.label, problem, w0, config, ref_spec.overrides, reference_targets, settings.reference_cap)
     section["reference"] = {
         "label": ref_spec.label,
         "overrides": list(ref_spec.overrides),
-        "targets": {f"{t:g}": _target_record(reference, t, None) for t in settings.reference_targets},
+        "targets": {f"{t:g}": _target_record(reference, t, None) for t in reference_targets},
         "furthest": _furthest(reference),
         "trace": _thin(reference.trace),
     }
@@ -157,12 +164,12 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
         if other is not None:
             spec = flow_contender(other, rtol)
             log(f"[{case}] reference check {spec.label}")
-            check = _run(spec.label, problem, w0, config, spec.overrides, settings.reference_targets, settings.check_cap)
+            check = _run(spec.label, problem, w0, config, spec.overrides, reference_targets, settings.check_cap)
             section["reference_check"] = {
                 "label": spec.label,
                 "direction_difference": {
                     f"{t:g}": direction_error(check.matched[t], reference.matched[t])
-                    for t in settings.reference_targets
+                    for t in reference_targets
                     if t in check.matched and t in reference.matched
                 },
                 "furthest": _furthest(check),
@@ -178,7 +185,7 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
         log(f"[{case}] {contender.label} (cap {settings.time_cap:g} s)")
         cfg = apply_overrides(config, overrides)
         dynamics = make_dynamics(problem, cfg)
-        out = follow(contender.label, problem, w0, dynamics, settings.targets, time_cap=settings.time_cap)
+        out = follow(contender.label, problem, w0, dynamics, settings.targets, time_cap=settings.time_cap, eval_cap=settings.eval_cap)
         record = {
             "overrides": overrides,
             "faithful_to_flow": bool(dynamics.faithful_to_flow),
@@ -188,7 +195,7 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
             **extra,
         }
         if contender.label == "constant-gd":
-            record["extrapolated"] = extrapolate_steps(out.trace, [30.0, *settings.targets])
+            record["extrapolated"] = extrapolate_steps(out.trace, [t for t in sorted({30.0, *settings.targets}) if t not in out.matched])
             record["float64_limit"] = float64_limit(problem, out.final_w, out.final_ev.grad, out.final_ev.log_risk, float(cfg.eta))
             record["stalled_steps"] = dynamics.stalled_steps
         section["dynamics"][contender.label] = record
@@ -227,6 +234,7 @@ def acceptance(results: dict) -> dict:
                 if estimate is not None:
                     need, how = estimate, "extrapolated"
         ratio = None if best is None or need is None else need - math.log10(best[1])
+        measurable = 1000.0 in [float(t) for t in section.get("reference_targets", [])]
         out["deep_linear_reach"] = {
             "best_dynamics": best[0] if best else None,
             "best_grad_evals_to_1000": best[1] if best else None,
@@ -234,7 +242,8 @@ def acceptance(results: dict) -> dict:
             "constant_gd_log10_grad_evals_to_30": need,
             "constant_gd_to_30_is": how,
             "log10_ratio": ratio,
-            "met": bool(ratio is not None and ratio >= 1.0),
+            "met": bool(ratio is not None and ratio >= 1.0) if measurable else None,
+            "note": "" if measurable else "the reference stops before ln(n/L) = 1000 (--quick); run the full bench",
         }
     overhead = results.get("instrument_overhead", {}).get("fig1-width10000")
     if overhead is not None:

@@ -25,6 +25,10 @@ class Dynamics:
     # Whether the reported alignment/margins are the flow's (error-controlled) or
     # those of a discrete method's iterates; the summary says which.
     faithful_to_flow = False
+    # Set by the trainer before a step that a log point follows: a dynamics that normally
+    # skips the full-data gradient (minibatch sgd) then computes it with its end-of-step
+    # forward pass, so the instruments reuse it instead of paying a second pass.
+    gradient_wanted = False
 
     def __init__(self, problem: Problem, config):
         self.problem = problem

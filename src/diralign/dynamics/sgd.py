@@ -111,8 +111,9 @@ class MinibatchSGD(Dynamics):
             order = torch.randperm(n_total, generator=self.generator)
             w_new = self._epoch(w, ev, order)
             if w_new is not None:
-                new = self.problem.evaluate(w_new, need_grad=self.full_batch)
-                self._spent += 1.0 if self.full_batch else 0.0
+                with_grad = self.full_batch or self.gradient_wanted  # a log point follows: reuse this pass
+                new = self.problem.evaluate(w_new, need_grad=with_grad)
+                self._spent += 1.0 if with_grad else 0.0
                 if finite(new) and new.log_risk <= bound:
                     self.eta *= self.growth
                     return StepResult(w_new, new, round(self._spent), rejected)

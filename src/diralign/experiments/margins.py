@@ -46,17 +46,19 @@ class MarginsConfig(TrainConfig):
     data_root: str = "data"  # cifar10: folder holding cifar-10-batches-py/
     download: bool = False  # cifar10: fetch it if missing (set by --download)
     subset: int = 0  # class-balanced seeded subset of this many examples; 0 keeps all
+    init_scale: float = 1.0  # multiplies every initial weight (1: PyTorch's default init, the paper's)
     n: int = 1000  # synthetic-images: number of images
     loss: str = "cross-entropy"
     dynamics: str = "sgd"
     dtype: str = "float32"
     chunk_size: int = 1000  # examples per forward/backward chunk (bounded memory)
     # sgd: an epoch is accepted if its risk is at most the highest of the last
-    # accept_window accepted epochs (1: it must not raise the risk at all)
-    accept_window: int = 1
+    # accept_window accepted epochs (1: it must not raise the risk at all); see sgd.py
+    accept_window: int = 10
     target_risk: float = 1e-8  # the paper's goal L <= 1e-8 ...
     target_ln_n_over_L: Optional[float] = None  # ... i.e. ln n - ln(target_risk); set to override
     store_directions_max_params: int = 200_000  # keep W/||W|| (angle to final) for H-AlexNet
+    log_step_growth: float = 1e9  # log points only evenly in ln(n/L) (the margin plot's axis)
 
 
 def resolve_target(config, n: int) -> float:
@@ -123,6 +125,12 @@ class MarginsExperiment(Experiment):
                 in_features=int(np.prod(shape)),
                 generator=torch.Generator().manual_seed(config.seed + MODEL_SEED_OFFSET),
             )
+        if config.init_scale != 1.0:
+            if not config.init_scale > 0:
+                raise UserError(f"init_scale must be positive, got {config.init_scale}")
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(config.init_scale)
         model = model.to(dtype=dtype, device=device)
         X = X.to(device)
         y, labels = resolve_labels(data.y, model_outputs(model, X))

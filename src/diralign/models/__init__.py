@@ -13,6 +13,7 @@ register("deep-linear")(DeepLinear)
 from . import torchvision_models  # noqa: E402,F401  registers resnet18, densenet121
 from .alexnet import HAlexNet  # noqa: E402  registers h-alexnet
 from .squared_relu import SquaredReLUNet, squared_relu_sum  # noqa: E402  registers squared-relu, srelu
+from .signed_relu import SignedReLUNet  # noqa: E402  registers signed-relu
 from .ntk import LinearizedModel, SquaredReLUNTK, ntk_linearize, squared_relu_ntk  # noqa: E402
 
 __all__ = [

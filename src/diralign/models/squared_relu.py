@@ -47,10 +47,12 @@ class _SquaredReLUSum(torch.autograd.Function):
     relu(h), its square, an outer product, two products for the square's derivative and a
     mask), and at n = 100, m = 10,000 those passes, not the flops, are the cost.  Here the
     forward squares in place and saves only the inputs; the backward recomputes
-    ``relu(x w^T)`` once and contracts it with a ``[d, n]`` matrix: 3-5x cheaper per
-    gradient at n = 100, m = 10,000 (measured on 2 shared cores, noisy).  The backward and ``jvp`` are written in differentiable torch ops on the
-    saved *inputs*, so double backward, ``torch.func.grad``, ``jvp`` and Hessian-vector
-    products (``jvp`` of ``grad``) see the exact derivatives (tested against plain ops).
+    ``relu(x w^T)`` once and contracts it with a ``[d, n]`` matrix.  At n = 100 (CPU time,
+    one thread) a gradient costs 0.69 / 3.7 ms at m = 1,000 / 10,000 against 1.7 / 11.3 ms
+    for plain autograd, and gradient + Hessian-vector product 2.0 / 9.0 ms against 4.4 /
+    35 ms.  The backward and ``jvp`` are written in differentiable torch ops on the saved
+    *inputs*, so double backward, ``torch.func.grad``, ``jvp`` and Hessian-vector products
+    (``jvp`` of ``grad``) see the exact derivatives (tested against plain ops).
     """
 
     generate_vmap_rule = True
