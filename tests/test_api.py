@@ -210,7 +210,10 @@ def test_smooth_model_uses_the_flow_and_multiclass(tmp_path):
 def test_interrupted_train_resumes_bit_identically(tmp_path, monkeypatch):
     import signal
 
-    from diralign.dynamics.flow import Dopri5Flow
+    from diralign.config import TrainConfig
+    from diralign.dynamics import FLOW_INTEGRATORS
+
+    Flow = FLOW_INTEGRATORS[TrainConfig().integrator]  # the default flow integrator
 
     gen = torch.Generator().manual_seed(11)
     X = torch.randn(90, 3, generator=gen, dtype=torch.float64)
@@ -222,7 +225,7 @@ def test_interrupted_train_resumes_bit_identically(tmp_path, monkeypatch):
         return nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 1, bias=False))
 
     reference = diralign.train(net(), X, y, target_ln_n_over_L=40, out=tmp_path / "ref", quiet=True)
-    original_step, calls = Dopri5Flow.step, []
+    original_step, calls = Flow.step, []
 
     def step_then_interrupt(self, *args, **kwargs):  # a SIGINT arrives during step 25
         calls.append(1)
@@ -230,10 +233,10 @@ def test_interrupted_train_resumes_bit_identically(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return original_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Dopri5Flow, "step", step_then_interrupt)
+    monkeypatch.setattr(Flow, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt, match="diralign.resume"):
         diralign.train(net(), X, y, target_ln_n_over_L=40, out=tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(Dopri5Flow, "step", original_step)
+    monkeypatch.setattr(Flow, "step", original_step)
     assert diralign.load_run(tmp_path / "cut").finished is False
     resumed = diralign.resume(tmp_path / "cut", net(), X, y, quiet=True)
     assert resumed.summary["steps"] == reference.summary["steps"]

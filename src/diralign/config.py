@@ -27,11 +27,11 @@ class TrainConfig:
     # dynamics: flow (error-controlled gradient flow), gd (normalised GD), sgd, loss-based
     # (Lyu & Li's lr = alpha / L), constant-gd (plain W -= eta grad L, the common baseline)
     dynamics: str = "flow"
-    integrator: str = "dopri5"  # flow integrator: cvode (BDF, stiff-aware) or dopri5 (explicit reference)
-    rtol: float = 1e-7
+    integrator: str = "cvode"  # flow integrator: cvode (BDF, stiff-aware) or dopri5 (explicit reference)
+    rtol: float = 1e-6
     atol: float = 1e-10
-    cvode_segment: float = 1.0  # cvode: segment length as a fraction of s (restart + resume granularity)
-    cvode_jacobian: str = "hvp"  # cvode: J*v from Hessian-vector products (hvp) or difference quotients (dq)
+    cvode_segment: float = 4.0  # cvode: segment length as a multiple of s (restart cost vs. replay on resume)
+    cvode_jacobian: str = "auto"  # cvode: J*v by Hessian-vector products (hvp), difference quotients (dq), or dq early then hvp (auto)
     cvode_krylov_dim: int = 20  # cvode: GMRES Krylov dimension
     eta: float = 1.0  # gd/sgd: initial step on log L (i.e. eta / L on L); loss-based: initial alpha; constant-gd: the step on L
     eta_growth: float = 1.2  # gd: step growth after an accepted step (1 keeps it fixed)
