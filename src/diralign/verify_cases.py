@@ -19,8 +19,6 @@ import torch
 
 from . import maxmargin
 from .verify_checks import (
-    INFO,
-    MISSING,
     Row,
     RunData,
     alignment,
@@ -168,7 +166,7 @@ def deep_linear_case(overrides: list[str], workdir: Path) -> list[Row]:
     check = maxmargin.svm_sklearn(X, y)
     cross = 1.0 - float(svm.direction @ check.direction)
     rows.append(Row(
-        "reference: hard-margin SVM by cvxpy+Clarabel = sklearn SVC(C=1e10)", "Prop 4.4 (reference)", case, "1 - cos(u_cvxpy, u_sklearn)", "0",
+        "hard-margin SVM: cvxpy+Clarabel agrees with sklearn SVC(C=1e10)", "Prop 4.4 (reference)", case, "1 - cos(u_cvxpy, u_sklearn)", "0",
         cross, f"<= {SVM_CROSS_CHECK:g} (solver tolerances)", verdict(cross <= SVM_CROSS_CHECK),
         f"gamma_svm = {svm.margin:.8f} (cvxpy), {check.margin:.8f} (sklearn); support {len(svm.support)} points", {},
     ))
@@ -364,7 +362,7 @@ def counterexample_case(sigma_end: float, workdir: Path) -> list[Row]:
     reference = planar_reference(sigma[early])  # rounding decides when the flow leaves it, so compare before that
     deviation = float(np.abs(reference - flow.direction[early]).max())
     rows.append(Row(
-        "reference: 3-D torch flow = planar Mexican-hat flow through stereographic projection", "DESIGN (conformality)", case,
+        "3-D torch flow = planar Mexican-hat flow through stereographic projection", "reference (conformality)", case,
         "max |theta~_3D - theta~_planar| for sigma <= 5", "0", deviation, "<= 1e-6 (both integrators at rtol <= 1e-8)",
         verdict(deviation <= 1e-6), "planar ODE dp/dsigma = -((1+r^2)^2/4) grad f(p), gradient by hand", {},
     ))

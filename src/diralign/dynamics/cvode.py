@@ -1,23 +1,30 @@
 """The gradient flow in the clock ``s = ln(n/L)``, integrated by SUNDIALS CVODE (BDF).
 
-    diralign run deep-linear --out /tmp/dl --set integrator=cvode      # the default
+    diralign run fig1 --out /tmp/f1 --set width=1000 --set target_ln_n_over_L=1000   # the default flow
 
 The late-phase flow ``dW/ds = -g/||g||^2`` (``g = grad log L``, see ``flow.py``) is stiff:
 individual margin gradients are ~``1/(k gamma)`` times larger than their softmin average,
 so an explicit Runge-Kutta step is set by stability, not accuracy.  CVODE's BDF methods
-with matrix-free GMRES take steps set by accuracy instead.
+(through scikit-sundae) with matrix-free GMRES take steps set by accuracy instead.
 
-**Jacobian-vector products are exact.**  With ``H = grad^2 log L``, ``gg = ||g||^2``,
+**Jacobian-vector products.**  With ``H = grad^2 log L`` and ``gg = ||g||^2``,
+``J v = -(H v - 2 g <g, H v>/gg) / gg``: one Hessian-vector product per Krylov iteration,
+by double backward through the graph that the right-hand side keeps at the Newton iterate
+(``create_graph=True``), so the Jacobian setup costs nothing extra.  CVODE's own difference
+quotient ``(f(y + sigma v) - f(y))/sigma`` perturbs ``W`` by ~``rtol`` relative and so the
+margins by ~``k s rtol``; the Newton matrix amplifies that error by ``gamma lambda``, which
+grows with the step: this is what stalled a prototype past ``s ~ 1000`` (measured on Fig. 1,
+width 1000, rtol 1e-6: from ``s`` = 300 to 1000 difference quotients took 134,761
+evaluations and ended 1e-3 off in alignment; Hessian-vector products 765).  Early on
+difference quotients are cheaper (one gradient, not a Hessian-vector product costing 2-3),
+so ``cvode_jacobian=auto`` uses them while ``k s rtol <= DQ_LIMIT``.  Chunked or distributed
+problems, whose oracle only combines gradients, always use difference quotients.
 
-    J v = -(H v - 2 g <g, H v>/gg) / gg,
-
-one Hessian-vector product per Krylov iteration, by double backward through a graph that
-the right-hand side keeps (``create_graph=True``) at the Newton iterate, so the Jacobian
-setup costs nothing extra.  CVODE's default difference quotient ``(f(y + sigma v) - f(y))
-/ sigma`` perturbs ``y`` by ~``rtol |y|``, which moves the margins by ~``k s rtol``: its
-error grows linearly with ``s`` and is what stalled a prototype past ``s ~ 1000``.
-``cvode_jacobian=dq`` keeps it (and chunked or distributed problems, whose oracle only
-returns gradients, use it automatically).
+**Tolerances.**  ``rtol`` is relative to each weight and, as a floor, to the RMS weight
+(``atol`` is raised to ``rtol * ||W||/sqrt(P)``): errors that small in weights far below the
+typical size move neither direction nor margins, and not chasing them halves the cost.
+Beyond ``s = S_TIGHTEN`` the relative tolerance shrinks like ``S_TIGHTEN/s``, which keeps the
+margins' *absolute* error bounded (see ``_rtol``).
 
 **Cost accounting.**  ``grad_evals`` counts gradient-equivalent evaluations: each
 right-hand side (a gradient, with or without its graph kept) 1, each Hessian-vector
@@ -25,16 +32,17 @@ product 2, each rebuilt Jacobian graph 1, and the evaluation at each returned po
 
 **Segments, exact resume.**  CVODE's history (Nordsieck array, step size, order) cannot
 be checkpointed, so the flow is cut into *segments* on a fixed power-of-two grid in ``s``
-(``cvode_segment`` times the current ``s``, e.g. ``[256, 512]``, ``[512, 1024]``).  Each
-segment is a fresh CVODE solve from the true ``ln(n/L)`` of its start point: that
-re-anchors the integrator's clock, which otherwise drifts from the true ``ln(n/L)``.
-Inside a segment ``step()`` returns at output points (CVODE's interpolant) on the trainer's
-log grid, placed on the *true* clock by correcting the drift measured at the previous
-output.  A checkpoint records the segment's start and how many outputs were returned; a
-resumed run replays that segment from its start (not counted in ``grad_evals``),
-checks that it reproduces the checkpointed point bit for bit, and goes on: resumed and
-uninterrupted runs do identical work.  (If the replay does not reproduce it -- another
-thread count, another machine -- the segment restarts from the checkpointed point.)
+(spacing ``cvode_segment`` times the current ``s``: ``[4, 16]``, ``[16, 64]``, ...).  Each
+segment is a fresh CVODE solve from the true ``ln(n/L)`` of its start, which re-anchors
+the integrator's clock (it drifts from the true ``ln(n/L)`` by ~``rtol`` per unit of
+``s``).  Inside a segment ``step()`` returns at outputs on the trainer's log grid (at most
+``s/16`` apart), placed on the *true* clock by correcting the drift seen at the previous
+output; CVODE interpolates there, and the segment's last output is a step endpoint.  A
+checkpoint records the segment's start and its outputs so far; a resumed run replays the
+segment from its start (not counted in ``grad_evals``), checks that the replay reproduces
+the checkpointed point bit for bit, and goes on, so resumed and uninterrupted runs do
+identical work.  (If it does not -- another thread count, another machine -- the segment
+restarts from the checkpointed point.)
 
 CVODE's rejected steps are not exposed by scikit-sundae; ``rejected`` stays 0 and their
 cost is inside ``grad_evals``.
@@ -53,8 +61,8 @@ from ..errors import UserError
 from .base import Dynamics, StepResult, finite
 
 JACOBIANS = ("auto", "hvp", "dq")
+S_TIGHTEN = 1000.0  # beyond this s the relative tolerance shrinks like S_TIGHTEN / s
 DQ_LIMIT = 6.4e-5  # auto: difference quotients while k s rtol <= this (measured crossover, Fig. 1)
-TSTOP_SLACK = 1e-5  # CVODE may pass the grid end by this (relative) to land on the true clock
 OUTPUTS_PER_OCTAVE = 16  # output spacing <= s/16 (directional path length, curves)
 
 
@@ -111,7 +119,8 @@ class SClockSystem:
             target.copy_((value * scale).to(device="cpu", dtype=torch.float64))
 
     def _gradient_graph(self, y: np.ndarray):
-        w = self._torch(y).clone().requires_grad_(True)
+        w = self._torch(y)
+        w = (w.clone() if self.cpu64 else w).requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self.problem.log_risk_fn(w), w, create_graph=True)
         gd = g.detach()
@@ -137,6 +146,17 @@ class SClockSystem:
         if self.graph is None or not torch.equal(self.graph[0].detach(), self._torch(y)):
             self.graph_evals += 1
             self.graph = self._gradient_graph(y)
+
+    def hvp_works(self, w: torch.Tensor) -> bool:
+        """Can this model be differentiated twice (custom autograd functions may not)?"""
+        try:
+            graph = self._gradient_graph(w.detach().to(device="cpu", dtype=torch.float64).numpy())
+            (hv,) = torch.autograd.grad(graph[1], graph[0], torch.ones_like(graph[0]))
+            return bool(torch.isfinite(hv).all())
+        except RuntimeError:
+            return False
+        finally:
+            self.graph = None
 
     def jac_times(self, t, y, fy, v, Jv) -> None:
         self.hvp_evals += 1
@@ -172,6 +192,7 @@ class CvodeFlow(Dynamics):
             jacobian = "dq"  # the oracle of chunked/sharded problems combines gradients only
         self.jacobian = jacobian
         self.system = SClockSystem(problem)
+        self.hvp_ok: Optional[bool] = None
         self.segment: Optional[dict] = None  # start, end, outputs returned (checkpointed)
         self.solver = None
         self.last_w: Optional[torch.Tensor] = None
@@ -183,7 +204,7 @@ class CvodeFlow(Dynamics):
         seg = self.segment
         if seg is None:
             return {"segment": None}
-        return {"segment": {k: seg[k] for k in ("w0", "s0", "s1", "tstop", "times", "drift", "done")}}
+        return {"segment": {k: seg[k] for k in ("w0", "s0", "s1", "times", "drift", "done")}}
 
     def load_state_dict(self, state: dict) -> None:
         seg = state.get("segment")
@@ -198,7 +219,7 @@ class CvodeFlow(Dynamics):
             method="BDF",
             linsolver="gmres",
             krylov_dim=self.krylov_dim,
-            rtol=self.rtol,
+            rtol=self._rtol(),
             atol=self._atol(),
             max_num_steps=1_000_000,
         )
@@ -207,21 +228,37 @@ class CvodeFlow(Dynamics):
             options["jactimes"] = CVODEJacTimes(self.system.jac_setup, self.system.jac_times)
         return CVODE(self.system.rhs, **options)
 
+    def _rtol(self) -> float:
+        """``rtol``, shrinking like ``S_TIGHTEN / s`` beyond ``S_TIGHTEN``.  The margins enter
+        the loss as ``e^{-p_i}`` and grow like ``s``: a relative error ``rtol`` in ``W`` moves
+        them by ``~k s rtol`` in absolute terms, and the softmin weights, the gradient and above
+        all the alignment ``cos(W, -g)`` (whose ``1 - cos`` is ~1e-4 there) follow
+        exponentially.  Measured on Fig. 1 (width 1000, rtol 1e-6): without this, 9 of 307
+        outputs beyond ``s = 3000`` reported ``1 - cos`` off by 1-6%; with it none by more than
+        1e-3 of ``1 - cos``, for 11% more evaluations up to ``s = 1e5``."""
+        return self.rtol * min(1.0, S_TIGHTEN / max(self.segment["s1"], 1.0))
+
     def _atol(self) -> float:
         """``atol`` floor raised to ``rtol`` times the RMS weight of the segment's start: an
         error that small in a weight far below the typical size moves neither the direction
         nor the margins beyond the tolerance, and not spending steps on it halves the cost."""
         w0 = self.segment["w0"]
-        return max(self.atol, self.rtol * float(w0.norm()) / math.sqrt(max(w0.numel(), 1)))
+        return max(self.atol, self._rtol() * float(w0.norm()) / math.sqrt(max(w0.numel(), 1)))
 
     def _exact_jacobian(self, s1: float) -> bool:
         """Difference quotients perturb the margins by ~``k s rtol`` relative, an error that the
         Newton matrix amplifies by ``gamma lambda``: cheap and good early (one gradient instead of
         a Hessian-vector product), useless late.  ``auto`` switches at ``k s rtol = DQ_LIMIT``."""
-        if self.jacobian != "auto":
-            return self.jacobian == "hvp"
+        if self.jacobian == "dq":
+            return False
         degree = self.problem.degree or 1
-        return degree * max(s1, 1.0) * self.rtol > DQ_LIMIT
+        if self.jacobian == "auto" and degree * max(s1, 1.0) * self.rtol <= DQ_LIMIT:
+            return False
+        if self.hvp_ok is None:  # a one-off probe, not counted in grad_evals
+            self.hvp_ok = self.system.hvp_works(self.segment["w0"])
+            if not self.hvp_ok:
+                warnings.warn("cvode flow: the model cannot be differentiated twice; using difference quotients for J*v")
+        return self.hvp_ok
 
     def _log_spacing(self, target: Optional[float]) -> float:
         spacing = float(getattr(self.config, "log_every_ln", 0.0) or 0.0)
@@ -233,13 +270,13 @@ class CvodeFlow(Dynamics):
         s0 = math.log(self.problem.n) - ev.log_risk
         s1 = segment_end(s0, target, self.fraction)
         w0 = w.detach().to(device="cpu", dtype=torch.float64).clone()
-        self.segment = {"w0": w0, "s0": s0, "s1": s1, "tstop": s1 + TSTOP_SLACK * max(abs(s1), 1.0), "times": [], "done": False, "drift": 0.0}
+        self.segment = {"w0": w0, "s0": s0, "s1": s1, "times": [], "done": False, "drift": 0.0}
         self.system.exact = self._exact_jacobian(s1)
         self.solver = self._new_solver()
         self.solver.init_step(s0, w0.numpy())
 
-    def _advance(self, t_out: float, s1: float) -> np.ndarray:
-        result = self.solver.step(t_out, tstop=s1)
+    def _advance(self, t_out: float, tstop: float) -> np.ndarray:
+        result = self.solver.step(t_out, tstop=tstop)
         if not result.success:
             raise FloatingPointError(f"cvode flow: {result.message} at s = {result.t:.6g}")
         return result.y
@@ -252,26 +289,28 @@ class CvodeFlow(Dynamics):
         self.solver = self._new_solver()
         self.solver.init_step(seg["s0"], seg["w0"].numpy())
         y = seg["w0"].numpy()
-        for t_out in seg["times"]:
-            y = self._advance(t_out, seg["tstop"])
+        for t_out, tstop in seg["times"]:
+            y = self._advance(t_out, tstop)
         self.replayed_grad_evals += self.system.grad_evals - before
         seg.pop("replay", None)
         return torch.equal(torch.from_numpy(np.array(y)).to(w.dtype), w.detach().cpu())
 
-    def _next_time(self, t_now: float, seg: dict, target: Optional[float]) -> tuple[float, bool]:
-        """Next output on the *true* clock: the next multiple of the output spacing, or the
-        segment end, shifted by the drift (true ln(n/L) minus CVODE's s) seen at the last
-        output.  Returns ``(t_out, last)``; CVODE may integrate up to ``tstop``, a little
-        past the grid end, so that the shifted end is reachable by interpolation."""
-        drift = seg["drift"]
-        end = min(seg["s1"] - drift + 1e-7 * max(abs(seg["s1"]), 1.0), seg["tstop"])
+    def _next_time(self, t_now: float, seg: dict, target: Optional[float]) -> tuple[float, float, bool]:
+        """``(t_out, tstop, last)`` of the next output.  Outputs sit on the *true* clock: the
+        next multiple of the output spacing, shifted by the drift (true ln(n/L) minus CVODE's
+        s) seen at the last output, and CVODE interpolates there.  The segment's last output is
+        a step of its own onto ``tstop`` (interpolants inside long BDF steps carry errors in
+        the stiff directions that the alignment, late in training, amplifies), at the grid end
+        or, where the true clock lags, just beyond it, so that a target is met, never missed."""
+        drift, s1 = seg["drift"], seg["s1"]
         spacing = output_spacing(t_now + drift, self._log_spacing(target))
         # Aim a hair past the grid point, so that the trainer's log grid is met, never missed.
         true_next = (math.floor((t_now + drift) / spacing + 0.25) + 1) * spacing
         t_out = true_next - drift + 1e-7 * max(abs(true_next), 1.0)
-        if t_out >= end - 0.25 * spacing or end <= t_now:
-            return max(end, min(t_now + 1e-9 * max(abs(t_now), 1.0), seg["tstop"])), True
-        return t_out, False
+        if t_out < s1 - drift - 0.25 * spacing and t_out < s1:
+            return t_out, s1, False
+        end = max(s1, s1 - drift + 1e-7 * max(abs(s1), 1.0), t_now + 1e-9 * max(abs(t_now), 1.0))
+        return end, end, True
 
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
         seg = self.segment
@@ -286,15 +325,15 @@ class CvodeFlow(Dynamics):
             self._start(w, ev, target)
             seg = self.segment
         before = self.system.grad_evals
-        t_now = seg["times"][-1] if seg["times"] else seg["s0"]
-        t_out, seg["done"] = self._next_time(t_now, seg, target)
-        y = self._advance(t_out, seg["tstop"])
+        t_now = seg["times"][-1][0] if seg["times"] else seg["s0"]
+        t_out, tstop, seg["done"] = self._next_time(t_now, seg, target)
+        y = self._advance(t_out, tstop)
         # ``y`` is the solver's fresh copy: adopt it without another one.
         w_new = torch.from_numpy(y).to(device=self.problem.device, dtype=self.problem.dtype)
         new = self.problem.evaluate(w_new)
         if not finite(new):
             raise FloatingPointError(f"cvode flow: non-finite risk or gradient at s = {t_out:.6g}")
-        seg["times"].append(t_out)
+        seg["times"].append((t_out, tstop))
         seg["drift"] = (math.log(self.problem.n) - new.log_risk) - t_out
         self.last_w = w_new
         return StepResult(w_new, new, self.system.grad_evals - before + 1, 0)

@@ -18,7 +18,11 @@ Safeguards, as in the paper: an update longer than ``max_update_ratio * ||W||`` 
 ``eta`` until it fits; an epoch whose minibatch risk is non-finite, or whose full-data risk
 at the end is non-finite or higher than at the start, is rejected: ``W`` is restored, ``eta``
 halved and the epoch redone with the next shuffle.  Accepted epochs grow ``eta`` by
-``eta_growth``.  Rejected epochs are counted and never logged as progress.
+``eta_growth``.  Rejected epochs are counted and never logged as progress.  With
+``accept_window = m > 1`` (a config field; default 1) "higher than at the start" becomes
+"higher than the highest risk of the last ``m`` accepted epochs": the non-monotone
+safeguard of Grippo, Lampariello & Lucidi (1986), which lets the step ride the edge of
+stability instead of shrinking with the network's sharpness.
 
 Deterministic and resumable: the shuffles come from a private seeded generator whose state
 is in ``state_dict`` (checkpoints are taken between epochs).  With ``batch_size >= n`` each
