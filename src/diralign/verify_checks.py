@@ -183,7 +183,7 @@ class Decades:
         if not (ratio > 0 and math.isfinite(ratio) and self.apart > 0):
             return ""
         r = ratio ** (1.0 / self.apart)
-        return f"per decade x{r:.3g} (like s^-{-math.log10(r):.2f})"
+        return f"per decade x{r:.3g} (like s^({math.log10(r):+.2f}))"
 
 
 def decades_of(run: RunData) -> Decades:
@@ -211,7 +211,7 @@ def path_length_plateau(run: RunData, case: str) -> Row:
     ratio = last / first if first > 0 else math.inf
     note = f"zeta grew {first:.3g} on [{d.s_a:.3g}, {10 * d.s_a:.3g}] and {last:.3g} on [{d.S / 10:.3g}, {d.S:.3g}]; total {path[-1]:.4g}"
     status = verdict(ratio < d.tolerance)
-    note += f"; {d.rate(ratio)}; a bounded part of W would give s^-{1 / run.degree:.2f} (1/k)" if run.degree else ""
+    note += f"; {d.rate(ratio)}; a bounded part of W would give s^({-1 / run.degree:+.2f}) (-1/k)" if run.degree else ""
     if not run.faithful:
         status = INFO
         note += (f"; dynamics {run.summary.get('dynamics')}: Thm 3.1 is about the flow, and the paper leaves discrete methods open "

@@ -198,6 +198,10 @@ class CvodeFlow(Dynamics):
         self.last_w: Optional[torch.Tensor] = None
         self.replayed_grad_evals = 0  # work redone after a resume (not in grad_evals)
         self.solver_options: dict = {}  # extra CVODE options (experiments, benchmarks)
+        # One intra-op thread unless ``threads`` is set: CVODE's evaluations are sequential and
+        # small, and on a shared 2-core machine two OpenMP threads spin at every barrier
+        # (measured, Fig. 1 width 10,000 under load: 137 ms per evaluation, against 3 ms).
+        self.single_thread = int(getattr(config, "threads", 0) or 0) == 0 and problem.device.type == "cpu"
 
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -313,6 +317,16 @@ class CvodeFlow(Dynamics):
         return end, end, True
 
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
+        if not self.single_thread:
+            return self._step(w, ev, target)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._step(w, ev, target)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step(self, w, ev, target: Optional[float]) -> StepResult:
         seg = self.segment
         if seg is not None and seg["done"]:
             seg = None  # finished: the next segment starts from the true ln(n/L) of w

@@ -243,8 +243,9 @@ def plot_margin_panel(run_dir, out_dir=None) -> list:
     if angles_path.exists():
         angles = np.load(angles_path)
         m = min(len(angles), len(x))
+        keep = angles[:m] > 0  # the last point is the final direction itself (angle 0)
         twin = ax_p.twinx()
-        twin.semilogy(x[:m], np.maximum(angles[:m], 1e-16), lw=1.2, color="C3")
+        twin.semilogy(x[:m][keep], angles[:m][keep], lw=1.2, color="C3")
         twin.set_ylabel("angle to final direction (rad)", color="C3")
         ax_p.set_title("path length (blue), angle to final (red)")
     fig.tight_layout()
