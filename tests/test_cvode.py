@@ -139,14 +139,19 @@ def test_resume_mid_segment_replays_bit_identically():
     assert resumed.replayed_grad_evals > 0  # the segment was replayed, not restarted
     assert torch.equal(w_res, w_ref) and evals_res == evals_ref
 
-    # A checkpoint that does not match the point it is resumed from: a fresh segment.
-    other = make_dynamics(problem, config)
-    buffer.seek(0)
-    other.load_state_dict(torch.load(buffer, weights_only=False))
-    nudged = saved_w * (1 + 1e-12)
-    w_other, ev_other, _, _ = run_to(problem, nudged, 60.0, dynamics=other, ev=problem.evaluate(nudged))
-    assert math.log(problem.n) - ev_other.log_risk >= 60.0
-    assert 0 < direction_gap(w_other, w_ref) < 1e-6
+    # Resumed from a point that differs by rounding (another process count sums gradients in
+    # another order): the replayed solver goes on.  By more: a fresh solve to the same end.
+    for nudge, same in ((1e-13, True), (1e-7, False)):
+        other = make_dynamics(problem, config)
+        buffer.seek(0)
+        other.load_state_dict(torch.load(buffer, weights_only=False))
+        nudged = saved_w * (1 + nudge)
+        w_other, ev_other, _, _ = run_to(problem, nudged, 60.0, dynamics=other, ev=problem.evaluate(nudged))
+        assert math.log(problem.n) - ev_other.log_risk >= 60.0
+        if same:
+            assert torch.equal(w_other, w_ref)
+        else:
+            assert 0 < direction_gap(w_other, w_ref) < 1e-5
 
 
 def test_chunked_problem_uses_difference_quotients_and_agrees():

@@ -41,7 +41,7 @@ class TrainConfig:
     # goals
     target_ln_n_over_L: float = 1000.0
     max_steps: int = 10_000_000
-    max_wall_seconds: Optional[float] = None
+    max_wall_seconds: Optional[float] = None  # per invocation: `diralign resume` gets as long again
     # logging and storage
     log_every_ln: float = 0.0  # spacing of log points in ln(n/L); 0: target / 200
     log_step_growth: float = 1.25  # also log at geometrically growing step counts

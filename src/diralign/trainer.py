@@ -107,6 +107,7 @@ class TrainContext:
     groups: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
     store_directions: bool = False
+    session_wall_start: float = 0.0  # state.wall_seconds when this train_loop call began
 
     @property
     def target(self) -> float:
@@ -211,7 +212,9 @@ def goal_reached(ctx: TrainContext, state: TrainState, s: float) -> Optional[str
         return "target_ln_n_over_L"
     if state.steps >= int(ctx.config.max_steps):
         return "max_steps"
-    if ctx.config.max_wall_seconds is not None and state.wall_seconds >= float(ctx.config.max_wall_seconds):
+    # A budget per invocation (a cluster job's time limit), so `diralign resume` continues.
+    session = state.wall_seconds - ctx.session_wall_start
+    if ctx.config.max_wall_seconds is not None and session >= float(ctx.config.max_wall_seconds):
         return "max_wall_seconds"
     return None
 
@@ -247,6 +250,7 @@ def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainStat
     every_steps = int(config.checkpoint_every_steps)
     start = time.perf_counter()
     wall_at_start = state.wall_seconds
+    ctx.session_wall_start = wall_at_start
     last_checkpoint = start
     direction = direction_of = None  # W/||W|| and the W it belongs to (path length)
     with _SignalFlag() as flag:

@@ -30,6 +30,8 @@ class HAlexNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_shape: Sequence[int] = (3, 32, 32)):
         super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"h-alexnet takes images [C, H, W], got examples of shape {list(in_shape)}")
         channels, height, width = (int(v) for v in in_shape)
         side_h, side_w = _pooled(height), _pooled(width)
         if side_h < 1 or side_w < 1:
