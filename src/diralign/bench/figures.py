@@ -83,10 +83,10 @@ def plot_results(results: dict, stem: Path) -> list[Path]:
         for ax in axes[row]:
             ax.grid(True, which="major", alpha=0.3)
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
-        handles = [Line2D([], [], color=colours[label], lw=2, label=label) for label in labels]
-        handles += [Line2D([], [], color="gray", marker=m, ls="", label=f"ln(n/L) = {t}") for t, m in MARKERS.items() if t in section["reference"]["targets"]]
-        ax_evals.legend(handles=handles, fontsize=7, loc="lower left")
-        ax_cos.legend(fontsize=7, loc="lower left")
+        # Colours are named in the third panel's legend; the first two name the markers.
+        handles = [Line2D([], [], color="gray", marker=m, ls="", label=f"ln(n/L) = {t}") for t, m in MARKERS.items() if t in section["reference"]["targets"]]
+        ax_wall.legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.6)
+        ax_cos.legend(fontsize=7, loc="lower left", framealpha=0.6)
     machine = results.get("machine", {})
     load = machine.get("load_average_start") or [float("nan")]
     fig.suptitle(

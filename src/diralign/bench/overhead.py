@@ -35,7 +35,6 @@ import torch
 
 from .. import losses
 from ..config import apply_overrides
-from ..dynamics import make_dynamics
 from ..dynamics.base import Dynamics, StepResult
 from ..store import RunDir
 from ..trainer import TrainContext, initial_state, prepare_context, train_loop

@@ -61,7 +61,8 @@ from ..errors import UserError
 from .base import Dynamics, StepResult, finite
 
 JACOBIANS = ("auto", "hvp", "dq")
-S_TIGHTEN = 1000.0  # beyond this s the relative tolerance shrinks like S_TIGHTEN / s
+S_TIGHTEN = 1000.0  # beyond this s the relative tolerance shrinks like S_TIGHTEN / s ...
+RTOL_FLOOR = 1e-12  # ... down to this (float64 leaves little below it)
 DQ_LIMIT = 6.4e-5  # auto: difference quotients while k s rtol <= this (measured crossover, Fig. 1)
 OUTPUTS_PER_OCTAVE = 16  # output spacing <= s/16 (directional path length, curves)
 
@@ -239,8 +240,12 @@ class CvodeFlow(Dynamics):
         all the alignment ``cos(W, -g)`` (whose ``1 - cos`` is ~1e-4 there) follow
         exponentially.  Measured on Fig. 1 (width 1000, rtol 1e-6): without this, 9 of 307
         outputs beyond ``s = 3000`` reported ``1 - cos`` off by 1-6%; with it none by more than
-        1e-3 of ``1 - cos``, for 11% more evaluations up to ``s = 1e5``."""
-        return self.rtol * min(1.0, S_TIGHTEN / max(self.segment["s1"], 1.0))
+        1e-3 of ``1 - cos``, for 11% more evaluations up to ``s = 1e5``.  Float64 bounds this:
+        one ulp in ``W`` already moves the gradient by ~``lambda k s 1e-16`` relative (``lambda``
+        the stiffness in units of ``s``), so past ``s ~ 1e8`` the tolerance sits at
+        ``RTOL_FLOOR`` and CVODE works hard for it (measured: ``s`` = 1e8 -> 1e9 cost 275k
+        evaluations at width 1000, ``s`` = 4.6 -> 1e8 cost 21k)."""
+        return max(self.rtol * min(1.0, S_TIGHTEN / max(self.segment["s1"], 1.0)), RTOL_FLOOR)
 
     def _atol(self) -> float:
         """``atol`` floor raised to ``rtol`` times the RMS weight of the segment's start: an
