@@ -166,7 +166,9 @@ def _compare_runs(a, b):
 
 @pytest.mark.parametrize("dynamics", ["flow", "gd"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, dynamics):
-    args = ["--set", "target_ln_n_over_L=150", "--set", "checkpoint_every_steps=23", "--set", f"dynamics={dynamics}",
+    # Long enough (several seconds of training) that the kill lands mid-run on fast machines.
+    target = 1000 if dynamics == "flow" else 150
+    args = ["--set", f"target_ln_n_over_L={target}", "--set", "checkpoint_every_steps=23", "--set", f"dynamics={dynamics}",
             "--set", "threads=1", "--quiet", "--no-plot"]
     if dynamics == "gd":
         args += ["--set", "eta_growth=1.02", "--set", "max_update_ratio=0.02"]
@@ -182,7 +184,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, dynamics):
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "summary.json").exists(), "run finished before the kill; make it longer"
