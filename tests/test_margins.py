@@ -115,6 +115,28 @@ def test_torchvision_nets_are_unmodified_and_not_homogeneous(name):
     assert not report.homogeneous and report.degree is None
 
 
+def test_batch_norm_modes_keep_the_risk_a_function_of_the_parameters():
+    from diralign.experiments.margins import set_batch_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).double().eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+        net[1].bias.uniform_(-1.0, 1.0)
+    conv = net[0](x).detach()
+    gamma, beta = net[1].weight.detach()[None, :, None, None], net[1].bias.detach()[None, :, None, None]
+    set_batch_norm(net, "frozen")  # running statistics 0/1: an affine map
+    np.testing.assert_allclose(net(x).detach().numpy(), (gamma * conv / math.sqrt(1 + 1e-5) + beta).numpy(), rtol=1e-12)
+    set_batch_norm(net, "batch")  # this batch's statistics (biased variance), nothing stored
+    mean = conv.mean(dim=(0, 2, 3), keepdim=True)
+    var = conv.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    expected = gamma * (conv - mean) / torch.sqrt(var + 1e-5) + beta
+    for _ in range(2):
+        np.testing.assert_allclose(net(x).detach().numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
+    assert dict(net.named_buffers()) == {}
+
+
 def test_any_registered_or_user_model_via_set(tmp_path, monkeypatch):
     pkg = tmp_path / "mynets_margins"
     pkg.mkdir()

@@ -97,6 +97,8 @@ def cifar10_raw(root, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
         dataset = _cifar_class()(root=str(root), train=True, download=download)
     except (RuntimeError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if download:
+            how = f"check the internet connection, or fetch {_cifar_class().url} yourself and unpack it into {root}"
         raise UserError(f"cannot read CIFAR-10 from {folder} ({reason}); {how}") from None
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
         raise UserError(

@@ -85,7 +85,11 @@ class MinibatchSGD(Dynamics):
     def _epoch(self, w: torch.Tensor, ev, order: torch.Tensor):
         """One pass over ``order`` in minibatches; ``None`` if a minibatch went non-finite."""
         log_full = ev.log_risk
-        for batch in order.split(self.batch_size):
+        batches = list(order.split(self.batch_size))
+        if len(batches) > 1 and batches[-1].numel() == 1:
+            # A last minibatch of one example: batch norm cannot normalise it, merge it.
+            batches[-2:] = [torch.cat(batches[-2:])]
+        for batch in batches:
             if self.full_batch and ev.grad is not None:
                 log_batch, grad = ev.log_risk, ev.grad  # the whole data at the epoch's start
             else:

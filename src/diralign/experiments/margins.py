@@ -22,7 +22,9 @@ Choices that differ from a literal reading of the paper, and why:
   increase.  Strictly monotone steps (``accept_window=1``) keep the step below the edge
   of stability, which shrinks as the network sharpens: on digits (n = 512) they needed
   958 epochs to reach ``ln(n/L) = 3.2``, against 207 epochs to 17.7 with the window.
-* ``batch_norm=frozen`` for DenseNet/ResNet (see :func:`set_batch_norm`).
+* ``batch_norm=batch`` for DenseNet/ResNet (see :func:`set_batch_norm`): the usual
+  training-mode normalisation, without running statistics, so ``L(W)`` is still a
+  deterministic function of the parameters (for the data in their chunks).
 * ``log_step_growth=1e9``: log points are spaced evenly in ``ln(n/L)`` only.
 
 ``finish`` adds ``margin_change_last_quarter`` (largest change of a normalised margin
@@ -61,10 +63,11 @@ class MarginsConfig(TrainConfig):
     download: bool = False  # cifar10: fetch it if missing (set by --download)
     subset: int = 0  # class-balanced seeded subset of this many examples; 0 keeps all
     init_scale: float = 1.0  # multiplies every initial weight (1: PyTorch's default init, the paper's)
-    # batch norm layers (DenseNet/ResNet): "frozen" = fixed affine maps (running statistics
-    # at their initial values, so L(W) is a function of W alone); "batch" = normalise by
-    # the statistics of each forward batch (minibatch in sgd, chunk in risk evaluations)
-    batch_norm: str = "frozen"
+    # batch norm layers (DenseNet/ResNet): "batch" = normalise by the statistics of each
+    # forward batch (the sgd minibatch; in risk evaluations the chunk of chunk_size
+    # examples, i.e. the whole data when n <= chunk_size), keeping no running statistics;
+    # "frozen" = fixed affine maps (running statistics at their initial 0/1)
+    batch_norm: str = "batch"
     n: int = 1000  # synthetic-images: number of images
     loss: str = "cross-entropy"
     dynamics: str = "sgd"
@@ -164,7 +167,10 @@ class MarginsExperiment(Experiment):
         degree, homogeneity = model_degree(model, X)
         n = int(X.shape[0])
         target = resolve_target(config, n)
-        problem = Problem(model, X, y, config.loss, degree=degree, chunk_size=config.chunk_size or None)
+        chunk = config.chunk_size or None
+        if chunk and n > chunk and n % chunk == 1:
+            chunk += 1  # no chunk of one example: batch norm cannot normalise a single one
+        problem = Problem(model, X, y, config.loss, degree=degree, chunk_size=chunk)
         info = dict(data.info)
         info.update(
             n=n,

@@ -6,13 +6,13 @@ They are outside the paper's theory (biases, batch norm, skip connections), whic
 the paper uses them (Fig. 2b, Fig. 3): each instance declares ``homogeneity_degree = None``
 so margins are normalised by the median nonnegative margin instead of ``||W||^k``.
 
-Batch norm is used with its running statistics (eval mode) and those statistics are never
-updated, so at every step each BN layer is the fixed per-channel affine map
-``gamma * x / sqrt(1 + eps) + beta`` of its trainable ``gamma, beta``.  Why: the risk
-``L(W)`` must be a function of the parameters alone, so that the full-data risk, chunked
-evaluation, checkpoints and resume are exact; with batch statistics it would depend on how
-the data happen to be batched, and the running statistics (buffers, not parameters) would
-drift outside the checkpointed state.
+The factories return the nets in eval mode (batch norm by its running statistics, fixed
+at their initial 0/1, so each BN layer is the affine map ``gamma * x / sqrt(1 + eps) +
+beta``).  ``diralign run margins`` then picks the batch-norm mode (``--set batch_norm``):
+by default ``batch``, the usual training-mode normalisation by each forward batch's
+statistics, with no running statistics kept, so that the risk stays a deterministic
+function of the parameters and checkpoints stay exact (running statistics are buffers
+that would drift outside the checkpointed state).
 """
 
 from __future__ import annotations
