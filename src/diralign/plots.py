@@ -133,7 +133,9 @@ def draw_margins(ax, run_dir, max_lines: int = 2000, cmap_name: str = "rainbow")
     ax.add_collection(lines)
     finite = traj[np.isfinite(traj)]
     if finite.size:
-        low, high = float(finite.min()), float(finite.max())
+        # Robust limits: a few wild early values (before the data are fitted) would
+        # otherwise squash the late trajectories the figure is about into a line.
+        low, high = (float(v) for v in np.quantile(finite, [0.005, 0.995]))
         pad = 0.05 * (high - low) or 1.0
         ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("$\\ln(n/L)$")
