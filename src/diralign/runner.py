@@ -162,13 +162,13 @@ def start_run(experiment_name, overrides: list[str], out, force: bool = False, q
     experiment_name = experiment.name
     config = apply_overrides(experiment.default_config(), overrides)
     is_writer = distributed is None or distributed.rank == 0
+    if is_writer:
+        RunDir.check_target(out, force=force)
+    # Build and validate everything before touching the disk: a bad setting must not
+    # leave a half-made run directory, nor delete the run that --force would replace.
+    experiment, setup = build(experiment, config)
+    make_dynamics(setup.problem, config)
     store = RunDir.create(out, force=force) if is_writer else None
-    try:
-        experiment, setup = build(experiment, config)
-    except Exception:
-        if store is not None and not any(p for p in store.path.iterdir()):
-            store.path.rmdir()
-        raise
     if distributed is not None:
         distributed.attach(setup, config)
     state = initial_state(setup.problem, setup.w0)
