@@ -155,15 +155,8 @@ class RunDir:
     @classmethod
     def create(cls, path, force: bool = False) -> "RunDir":
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path} exists and is not a directory; choose another path")
-        if path.exists() and any(path.iterdir()):
-            if not force:
-                raise UserError(f"--out {path} is not empty; pass --force to replace the run in it, or choose another directory")
-            if not (path / "config.json").exists():
-                raise UserError(
-                    f"--out {path} is not empty and is not a diralign run directory; refusing to delete it even with --force"
-                )
+        cls.check_target(path, force)
+        if path.exists() and any(path.iterdir()):  # a run directory, and --force was given
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
