@@ -58,6 +58,7 @@ class FieldPoint:
     h: torch.Tensor  # kink values of the sliding set (should be ~0)
     lam: torch.Tensor  # multipliers
     theta: torch.Tensor  # positive-side weights (in [0, 1] while a kink slides)
+    delta: torch.Tensor = None  # backward signals at the sliding units' outputs
     sites: list = field(default_factory=list)  # watch-list records of this forward
     grad_evals: float = 0.0  # gradient-equivalents spent on this point
 
@@ -118,7 +119,7 @@ class SlidingField:
         if sliding is None:
             (g,) = torch.autograd.grad(log_risk, wg)
             empty = g.new_zeros(0)
-            return FieldPoint(w, float(log_risk), margins, g, empty, empty, empty, mode.sites, 1.0)
+            return FieldPoint(w, float(log_risk), margins, g, empty, empty, empty, empty, mode.sites, 1.0)
         h = mode.h
         signal_tensors = mode.signal_tensors
         grads = torch.autograd.grad(log_risk, [wg] + signal_tensors, retain_graph=True)
@@ -156,7 +157,7 @@ class SlidingField:
             if self.last_residual > 1e-3:
                 self.gram_chol = None  # stale: rebuild at the next evaluation
         theta = self._theta(lam, delta)
-        return FieldPoint(w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, mode.sites, cost)
+        return FieldPoint(w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost)
 
     def _theta(self, lam: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         safe = torch.where(delta.abs() > 0, delta, torch.full_like(delta, 1e-300))

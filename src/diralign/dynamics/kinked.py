@@ -37,9 +37,12 @@ from ..kinks import KinkSet, pool_crossings, relu_crossings
 from ..problem import Evaluation
 from ..sliding import FieldPoint, SlidingField, project
 from .base import Dynamics, StepResult
-from .flow import _A, _E
+from .flow import _A, _C, _E
 
+DEBUG = False
 RELEASE_MARGIN = 1e-9  # theta this far outside [0, 1] releases a kink
+MAX_SHORT_CUTS = 3  # then the crossing is left to the error control
+NEAR_DISTANCE = 1e-2  # a crossing this close (x rtol ||W||) ahead: hold the kink on its surface now
 
 
 class SlidingFlow(Dynamics):
@@ -59,6 +62,9 @@ class SlidingFlow(Dynamics):
         self.point: Optional[FieldPoint] = None
         self._spent = 0.0  # fractional gradient-equivalents not yet reported
         self.events = {"captured": 0, "released": 0, "crossed": 0}
+        self._short_cuts = 0  # consecutive steps cut at a predicted crossing that did not come
+        self._cutting = False
+        self._cut_from: Optional[float] = None  # the step size before an event cut
 
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -67,7 +73,7 @@ class SlidingFlow(Dynamics):
             "h": self.h,
             "sliding": self.field.sliding.state(),
             "gram_chol": self.field.gram_chol,
-            "point": None if p is None else {"h": p.h, "lam": p.lam, "theta": p.theta},
+            "point": None if p is None else {"h": p.h, "lam": p.lam, "theta": p.theta, "delta": p.delta},
             "spent": self._spent,
             "events": dict(self.events),
         }
@@ -90,7 +96,7 @@ class SlidingFlow(Dynamics):
         self._resume_point = None
         if saved is not None and ev.grad is not None:
             _, _, sites = self.field.watch(w)
-            return FieldPoint(w, ev.log_risk, ev.margins, ev.grad, saved["h"], saved["lam"], saved["theta"], sites, 1.0 / 3.0)
+            return FieldPoint(w, ev.log_risk, ev.margins, ev.grad, saved["h"], saved["lam"], saved["theta"], saved["delta"], sites, 1.0 / 3.0)
         return self.field.evaluate(w)
 
     def _error_norm(self, err: torch.Tensor, w: torch.Tensor, w_new: torch.Tensor) -> float:
@@ -117,31 +123,36 @@ class SlidingFlow(Dynamics):
         problem = self.problem
         p0 = self._point_at(w, ev)
         cost = p0.grad_evals if p0 is not self.point else 0.0
-        k1 = p0.s_velocity()
         if self.h is None:
-            self.h = self._initial_step(w, k1)
-        s_now = math.log(problem.n) - p0.log_risk
+            self.h = self._initial_step(w, p0.s_velocity())
         rejected = 0
+        near_captures = 0
         while True:
+            s_now = math.log(problem.n) - p0.log_risk
             h = self.h
             if target is not None and target > s_now:
                 h = min(h, (target - s_now) * (1 + 1e-9))
-            ks = [k1]
+            w0 = p0.w
+            ks = [p0.s_velocity()]
             ok = True
             p_new = None
+            cross = None  # (kinks, fractions of the step) of the first stage where some crossed
             for i in range(1, 7):
-                w_stage = w + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
+                w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
                 stage = self.field.evaluate(w_stage)
                 cost += stage.grad_evals
                 if not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all())) or float(stage.v.norm()) == 0:
                     ok = False
                     break
                 ks.append(stage.s_velocity())
+                if cross is None:
+                    found = crossings(p0.sites, stage.sites, self.field.sliding, _C[i])
+                    cross = found if len(found[0]) else None
                 if i == 6:
                     p_new = stage
             if ok:
                 err = h * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-                err_norm = self._error_norm(err, w, p_new.w)
+                err_norm = self._error_norm(err, w0, p_new.w)
             if not ok or not math.isfinite(err_norm):
                 rejected += 1
                 self.h = 0.25 * h
@@ -149,76 +160,145 @@ class SlidingFlow(Dynamics):
             factor = 0.9 * err_norm ** (-1 / 5) if err_norm > 0 else 5.0
             if err_norm <= 1.0:
                 self.h = h * min(5.0, max(0.2, factor)) if h == self.h else max(self.h, h)
+                if self._cut_from is not None:
+                    self.h = max(self.h, self._cut_from)  # the cut was for the event, not for accuracy
+                    self._cut_from = None
                 break
             rejected += 1
+            if DEBUG:
+                print(f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}", flush=True)
+            if cross is None:
+                continue_with = h * min(1.0, max(0.2, factor))
+                self.h = continue_with
+                continue
+            kinks, frac = cross
+            first = float(frac.min())
+            reach = first * h * float(ks[0].norm())  # distance in W to the first crossing
+            if reach <= NEAR_DISTANCE * self.rtol * float(w0.norm()) and near_captures < 8:
+                # A kink a hair from its surface and heading for it: hold it there now (the move
+                # is far inside the tolerance) and let its Filippov weight decide whether it
+                # slides or passes through; stepping ever closer would not end.
+                near = kinks.subset((frac <= 2 * first).nonzero().flatten())
+                p0, spent = self._capture(p0, near)
+                cost += spent
+                near_captures += 1
+                continue
+            if first < min(1.0, max(0.2, factor)) and self._short_cuts < MAX_SHORT_CUTS:
+                # A kink crosses inside the step: the field jumps there, and no smooth error
+                # model predicts the step that would pass.  Land just short of the crossing
+                # (a step through it carries the jump into the error estimate), then hold it.
+                suggested = h * min(1.0, max(0.2, factor))
+                self._cut_from = suggested if self._cut_from is None else min(self._cut_from, suggested)
+                self.h = max(first * (1 - 1e-3), 1e-12) * h
+                self._cutting = True
+                continue
             self.h = h * min(1.0, max(0.2, factor))
-        p_new, event_cost = self._events(p0, p_new)
+        p_new, event_cost, happened = self._events(p0, p_new)
         cost += event_cost
+        # Count cuts that fell short of their crossing in a row; anything else starts afresh.
+        self._short_cuts = self._short_cuts + 1 if self._cutting and not happened else 0
+        self._cutting = False
         self.point = p_new
         return StepResult(p_new.w, self._evaluation(p_new), self._take(cost), rejected)
 
     # -- events -------------------------------------------------------------------------
-    def _crossed(self, p0: FieldPoint, p1: FieldPoint) -> KinkSet:
-        """Kinks outside the sliding set that changed side between ``p0`` and ``p1``, held
-        with their new side: ReLU ``a`` = the unit, pool ``a`` = the new winner."""
-        S = self.field.sliding
-        site, a, b, o = [], [], [], []
-        for s0, s1 in zip(p0.sites, p1.sites):
-            if s0.kind == "relu":
-                idx = relu_crossings(s0.z, s1.z)
-                if len(S):
-                    held = S.a[S.site == s0.index]
-                    idx = idx[~torch.isin(idx, held)]
-                site.append(torch.full_like(idx, s0.index))
-                a.append(idx)
-                b.append(torch.full_like(idx, -1))
-                o.append(torch.full_like(idx, -1))
-            else:
-                win, old, new = pool_crossings(s0, s1)
-                if len(S):
-                    held = S.o[S.site == s0.index]
-                    keep = ~torch.isin(win, held)
-                    win, old, new = win[keep], old[keep], new[keep]
-                site.append(torch.full_like(win, s0.index))
-                a.append(new)
-                b.append(old)
-                o.append(win)
-        if not site:
-            return KinkSet()
-        return KinkSet(torch.cat(site), torch.cat(a), torch.cat(b), torch.cat(o))
-
-    def _events(self, p0: FieldPoint, p1: FieldPoint) -> tuple[FieldPoint, float]:
+    def _events(self, p0: FieldPoint, p1: FieldPoint) -> tuple[FieldPoint, float, bool]:
+        """Captures among the kinks that crossed in the step, then releases."""
         field = self.field
         cost = 0.0
-        crossed = self._crossed(p0, p1)
+        crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0, side="new")
         capture = KinkSet()
         if len(crossed):
             self.events["crossed"] += len(crossed)
-            # dh/ds on the new side, by a forward difference along the new point's velocity.
+            # dh/ds on the new side, by a forward difference along the new point's velocity:
+            # pointing back at the surface means both sides push toward it, i.e. sliding.
             u = p1.s_velocity()
             h1 = field.kink_values(p1.w, crossed)
             eps = 1e-7 * float(p1.w.norm()) / max(float(u.norm()), 1e-300)
             h2 = field.kink_values(p1.w + eps * u, crossed)
             cost += 2 * SlidingField.FORWARD
-            back = (h2 - h1) / eps * torch.sign(h1) < 0
+            back = (h2 - h1) * torch.sign(h1) < 0
             capture = crossed.subset(back.nonzero().flatten())
-        release = torch.zeros(0, dtype=torch.bool)
-        if len(field.sliding):
-            theta = p1.theta
-            release = (theta < -RELEASE_MARGIN) | (theta > 1 + RELEASE_MARGIN)
-        if not len(capture) and not bool(release.any()):
-            return p1, cost
-        w = p1.w
-        if bool(release.any()):
-            self.events["released"] += int(release.sum())
-            field.sliding = field.sliding.subset((~release).nonzero().flatten())
-            field.gram_chol = None
         if len(capture):
-            self.events["captured"] += len(capture)
-            field.sliding = field.sliding.union(capture)
-            field.gram_chol = None
-            w, spent = project(field, w, p1.sites)
-            cost += spent
-        p = field.evaluate(w)
-        return p, cost + p.grad_evals
+            p, spent = self._capture(p1, capture)
+            return p, cost + spent, True
+        p, spent, released = self._settle(p1)
+        return p, cost + spent, released or len(crossed) > 0
 
+    def _capture(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
+        """Hold ``kinks`` on their surfaces: project ``p`` onto them, re-evaluate, settle."""
+        field = self.field
+        self.events["captured"] += len(kinks)
+        field.sliding = field.sliding.union(kinks)
+        field.gram_chol = None
+        w, cost = project(field, p.w, p.sites)
+        p = field.evaluate(w)
+        p, spent, _ = self._settle(p, cost + p.grad_evals)
+        return p, spent
+
+    def _settle(self, p: FieldPoint, cost: float = 0.0) -> tuple[FieldPoint, float, bool]:
+        """Release kinks whose Filippov weight left ``[0, 1]``: one at a time, the worst first,
+        re-evaluating between (an active-set pivot: releasing every kink that looks out of
+        range at once made pairs on nearly parallel surfaces flap in and out together)."""
+        field = self.field
+        released = False
+        for _ in range(len(field.sliding)):
+            if not len(field.sliding):
+                break
+            excess = leave_measure(p.theta, p.delta)
+            if not bool((excess > RELEASE_MARGIN).any()):
+                break
+            keep = torch.ones(len(field.sliding), dtype=torch.bool)
+            keep[int(torch.argmax(excess))] = False
+            field.sliding = field.sliding.subset(keep.nonzero().flatten())
+            field.gram_chol = None
+            self.events["released"] += 1
+            released = True
+            p = field.evaluate(p.w)
+            cost += p.grad_evals
+        return p, cost, released
+
+
+def leave_measure(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """How far each held kink is from sliding (> 0: it leaves).  It slides when the surface
+    attracts from both sides: the normal speed ``b(theta) = b_0 + theta delta |grad h|^2`` of
+    the combination rises through 0 (``delta > 0``) at a ``theta`` in ``[0, 1]``.  With
+    ``delta < 0`` the surface repels (or is crossed): the kink leaves whatever ``theta`` is.
+    Which side it leaves to needs no decision: both one-sided fields then agree on the sign
+    of ``dh/ds`` (or, repelling, the rounding of ``h`` picks one), and the next steps follow."""
+    outside = torch.maximum(-theta, theta - 1.0)
+    return torch.where(delta > 0, outside, torch.ones_like(theta))
+
+
+def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old") -> tuple[KinkSet, torch.Tensor]:
+    """Kinks outside ``sliding`` that changed side between two forwards (a step's start and a
+    stage at fraction ``c`` of it), with the fraction of the step at which each crossed by
+    linear interpolation of its ``h``.  Pool kinks are held with the window's ``side``
+    winner as ``a``.  A kink that starts on its surface (just released, ``|h|`` at rounding
+    level) is leaving it, not crossing, and is left out."""
+    site, a, b, o, fr = [], [], [], [], []
+    for s0, s1 in zip(sites0, sites1):
+        z0, z1 = s0.z.reshape(-1), s1.z.reshape(-1)
+        if s0.kind == "relu":
+            idx = relu_crossings(s0.z, s1.z)
+            if len(sliding):
+                idx = idx[~torch.isin(idx, sliding.a[sliding.site == s0.index])]
+            h0, h1 = z0[idx], z1[idx]
+            ka, kb, ko = idx, torch.full_like(idx, -1), torch.full_like(idx, -1)
+        else:
+            win, old, new = pool_crossings(s0, s1)
+            if len(sliding):
+                keep = ~torch.isin(win, sliding.o[sliding.site == s0.index])
+                win, old, new = win[keep], old[keep], new[keep]
+            h0, h1 = z0[old] - z0[new], z1[old] - z1[new]
+            ka, kb, ko = (new, old, win) if side == "new" else (old, new, win)
+        frac = h0 / (h0 - h1)
+        keep = torch.isfinite(frac) & (frac > 1e-9)
+        site.append(torch.full_like(ka[keep], s0.index))
+        a.append(ka[keep])
+        b.append(kb[keep])
+        o.append(ko[keep])
+        fr.append(c * frac[keep].clamp(0.0, 1.0))
+    if not site:
+        return KinkSet(), torch.zeros(0)
+    return KinkSet(torch.cat(site), torch.cat(a), torch.cat(b), torch.cat(o)), torch.cat(fr)
