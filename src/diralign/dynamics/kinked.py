@@ -58,6 +58,7 @@ class SlidingFlow(Dynamics):
         if not (0 < self.rtol < 1) or self.atol < 0:
             raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={config.rtol}, atol={config.atol})")
         self.field = SlidingField(problem)
+        self.field.tolerance = 0.1 * self.rtol
         self.h: Optional[float] = None
         self.point: Optional[FieldPoint] = None
         self._spent = 0.0  # fractional gradient-equivalents not yet reported
