@@ -41,6 +41,9 @@ class Site:
     kind: str  # "relu" | "pool"
     z: torch.Tensor  # the call's input (detached): ReLU inputs, or pool inputs
     argmax: Optional[torch.Tensor] = None  # pool: flat index into z of each window's max (shape of the output)
+    out: Optional[torch.Tensor] = None  # the call's output, in the graph (its gradient: the backward signal)
+    signal: Optional[torch.Tensor] = None  # filled in by the caller: d(log L)/d(out), detached
+    scale: Optional[torch.Tensor] = None  # filled in by the caller: estimated ||grad z|| per entry of z
 
 
 @dataclass
@@ -179,7 +182,7 @@ class KinkMode(TorchFunctionMode):
             self.h_parts.append((pos, z.reshape(-1)[a]))
             self.signal_parts.append((pos, out, a))
         if self.record:
-            self.sites.append(Site(k, "relu", z.detach()))
+            self.sites.append(Site(k, "relu", z.detach(), out=out))
         return out
 
     def _pool(self, func, args, kwargs) -> torch.Tensor:
@@ -207,7 +210,7 @@ class KinkMode(TorchFunctionMode):
             self.h_parts.append((pos, xf[a] - xf[b]))
             self.signal_parts.append((pos, out, o))
         if self.record:
-            self.sites.append(Site(k, "pool", x.detach(), argmax.detach()))
+            self.sites.append(Site(k, "pool", x.detach(), argmax.detach(), out=out))
         return (out, ind) if want_indices else out
 
 

@@ -121,12 +121,11 @@ class SlidingField:
         sliding = self.sliding if len(self.sliding) else None
         wg, log_risk, margins, mode = self._forward(w, sliding, graph=True)
         if sliding is None:
-            (g,) = torch.autograd.grad(log_risk, wg)
+            g = self._backward(log_risk, wg, mode.sites, retain=False)
             empty = g.new_zeros(0)
             return FieldPoint(w, float(log_risk), margins, g, empty, empty, empty, empty, mode.sites, 1.0)
         h = mode.h
         hd = h.detach()
-        signal_tensors = mode.signal_tensors
         chol, cost = self._gram(w, mode.sites)
         # One backward of log L - lam_p . h with the multipliers predicted from the last point
         # (they vary smoothly along the flow), then the residual N v - kappa |v|^2 h by a
@@ -136,9 +135,8 @@ class SlidingField:
         # correction (a backward of dlam . h through the same graph) is taken instead.
         lam = self._predicted_multipliers(hd)
         phi = log_risk - torch.dot(lam, h)
-        grads = torch.autograd.grad(phi, [wg] + signal_tensors, retain_graph=True)
-        v = grads[0]
-        delta = mode.signals(list(grads[1:]))
+        v = self._backward(phi, wg, mode.sites, retain=True)
+        delta = sliding_signals(self.sliding, mode.sites)
         cost += 1.0
         N0 = self.normals
         for attempt in range(3):
@@ -161,6 +159,32 @@ class SlidingField:
         self._remember(lam)
         theta = self._theta(lam, delta)
         return FieldPoint(w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost)
+
+    @staticmethod
+    def _backward(phi: torch.Tensor, wg: torch.Tensor, sites: list[Site], retain: bool) -> torch.Tensor:
+        """``d phi/dw``, and each site's backward signal ``d phi/d(out)`` stored on the site (the
+        size of the jump a kink there makes in the gradient, with its normal's norm)."""
+        outs = [s.out for s in sites]
+        grads = torch.autograd.grad(phi, [wg] + outs, retain_graph=retain, allow_unused=True)
+        for site, g in zip(sites, grads[1:]):
+            site.signal = torch.zeros_like(site.out).detach() if g is None else g.detach()
+            site.out = None  # the graph is not needed beyond this point
+        return grads[0]
+
+    def probe_normals(self, w: torch.Tensor, probes: int = 2, seed: int = 0) -> tuple[list[torch.Tensor], float]:
+        """Directional derivatives of every kink-site input along ``probes`` seeded Gaussian
+        directions ``r`` (``E[(grad z . r)^2] = ||grad z||^2``), by forward differences: the
+        scale of every kink's normal at once for ``probes`` forward passes."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        _, _, base = self.watch(w)
+        samples = [[] for _ in base]
+        for _ in range(probes):
+            r = torch.randn(w.numel(), generator=gen, dtype=w.dtype).to(w.device)
+            eps = FD_STEP * max(float(w.norm()), 1e-300) / float(r.norm())
+            _, _, moved = self.watch(w + eps * r)
+            for out, s0, s1 in zip(samples, base, moved):
+                out.append(((s1.z - s0.z) / eps).reshape(-1))
+        return [torch.stack(x) for x in samples], probes * self.FORWARD + self.FORWARD
 
     def _predicted_multipliers(self, h: torch.Tensor) -> torch.Tensor:
         keys = self.sliding.keys()
@@ -235,6 +259,18 @@ class SlidingField:
             rows[mine] = jac
             spent += (1.0 + 2.0 * h.numel()) / (3.0 * n)
         return rows, spent
+
+
+def sliding_signals(sliding: KinkSet, sites: list[Site]) -> torch.Tensor:
+    """Backward signal ``delta`` at each sliding kink's unit output (ReLU) or window (pool)."""
+    delta = torch.zeros(len(sliding), dtype=torch.float64)
+    by_site = {s.index: s for s in sites}
+    for k in torch.unique(sliding.site).tolist():
+        pos = (sliding.site == k).nonzero().flatten()
+        site = by_site[k]
+        idx = sliding.o[pos] if site.kind == "pool" else sliding.a[pos]
+        delta[pos] = site.signal.reshape(-1)[idx].double().cpu()
+    return delta.to(sites[0].z.dtype) if sites else delta
 
 
 def gram_cholesky(N: torch.Tensor) -> torch.Tensor:

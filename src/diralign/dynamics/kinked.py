@@ -41,6 +41,8 @@ from .flow import _A, _C, _E
 
 DEBUG = False
 RELEASE_MARGIN = 1e-9  # theta this far outside [0, 1] releases a kink
+SIGNIFICANT = 0.1  # a crossing whose jump could move W by this x rtol ||W|| in a step is an event
+PROBE_EVERY = 25  # steps between refreshes of the normals' scale estimates
 MAX_SHORT_CUTS = 3  # then the crossing is left to the error control
 NEAR_DISTANCE = 1e-2  # a crossing this close (x rtol ||W||) ahead: hold the kink on its surface now
 
@@ -65,7 +67,10 @@ class SlidingFlow(Dynamics):
         self.events = {"captured": 0, "released": 0, "crossed": 0}
         self._short_cuts = 0  # consecutive steps cut at a predicted crossing that did not come
         self._cutting = False
+        self.stats = {k: 0.0 for k in ("accepted", "rejected", "events", "accepted_with_cross", "rejected_with_cross")}
         self._cut_from: Optional[float] = None  # the step size before an event cut
+        self._probes = None  # directional derivatives of the kink sites along random directions
+        self._probe_age = 0
 
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -128,6 +133,11 @@ class SlidingFlow(Dynamics):
             self.h = self._initial_step(w, p0.s_velocity())
         rejected = 0
         near_captures = 0
+        if self._probes is None or self._probe_age >= PROBE_EVERY:
+            self._probes, spent = self.field.probe_normals(p0.w, seed=self._probe_age)
+            cost += spent
+            self._probe_age = 0
+        self._probe_age += 1
         while True:
             s_now = math.log(problem.n) - p0.log_risk
             h = self.h
@@ -138,6 +148,7 @@ class SlidingFlow(Dynamics):
             ok = True
             p_new = None
             cross = None  # (kinks, fractions of the step) of the first stage where some crossed
+            attempt_cost = cost
             for i in range(1, 7):
                 w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
                 stage = self.field.evaluate(w_stage)
@@ -147,7 +158,7 @@ class SlidingFlow(Dynamics):
                     break
                 ks.append(stage.s_velocity())
                 if cross is None:
-                    found = crossings(p0.sites, stage.sites, self.field.sliding, _C[i])
+                    found = crossings(p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h))
                     cross = found if len(found[0]) else None
                 if i == 6:
                     p_new = stage
@@ -160,12 +171,16 @@ class SlidingFlow(Dynamics):
                 continue
             factor = 0.9 * err_norm ** (-1 / 5) if err_norm > 0 else 5.0
             if err_norm <= 1.0:
+                self.stats["accepted"] += cost - attempt_cost
+                self.stats["accepted_with_cross"] += cross is not None
                 self.h = h * min(5.0, max(0.2, factor)) if h == self.h else max(self.h, h)
                 if self._cut_from is not None:
                     self.h = max(self.h, self._cut_from)  # the cut was for the event, not for accuracy
                     self._cut_from = None
                 break
             rejected += 1
+            self.stats["rejected"] += cost - attempt_cost
+            self.stats["rejected_with_cross"] += cross is not None
             if DEBUG:
                 print(f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}", flush=True)
             if cross is None:
@@ -182,6 +197,7 @@ class SlidingFlow(Dynamics):
                 near = kinks.subset((frac <= 2 * first).nonzero().flatten())
                 p0, spent = self._capture(p0, near)
                 cost += spent
+                self.stats["events"] += spent
                 near_captures += 1
                 continue
             if first < min(1.0, max(0.2, factor)) and self._short_cuts < MAX_SHORT_CUTS:
@@ -196,18 +212,33 @@ class SlidingFlow(Dynamics):
             self.h = h * min(1.0, max(0.2, factor))
         p_new, event_cost, happened = self._events(p0, p_new)
         cost += event_cost
+        self.stats["events"] += event_cost
         # Count cuts that fell short of their crossing in a row; anything else starts afresh.
         self._short_cuts = self._short_cuts + 1 if self._cutting and not happened else 0
         self._cutting = False
         self.point = p_new
         return StepResult(p_new.w, self._evaluation(p_new), self._take(cost), rejected)
 
+    def _significance(self, p0: FieldPoint, h: float):
+        """A filter keeping the crossings that matter: a kink whose jump in the field, held for
+        a whole step of ``h``, moves ``W`` by more than a tenth of the tolerance.  The early
+        phase crosses thousands of conv units whose jumps are far below that; the error control
+        of the step absorbs them, as for any smooth right-hand side."""
+        vv = float(torch.dot(p0.v, p0.v))
+        limit = SIGNIFICANT * self.rtol * float(p0.w.norm()) * vv / max(h, 1e-300)
+
+        def keep(kinks: KinkSet) -> torch.Tensor:
+            return jumps(kinks, p0.sites, self._probes) > limit
+
+        return keep
+
     # -- events -------------------------------------------------------------------------
     def _events(self, p0: FieldPoint, p1: FieldPoint) -> tuple[FieldPoint, float, bool]:
         """Captures among the kinks that crossed in the step, then releases."""
         field = self.field
         cost = 0.0
-        crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0, side="new")
+        h = float((p1.w - p0.w).norm()) / max(float(p0.s_velocity().norm()), 1e-300)
+        crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0, side="new", significant=self._significance(p0, h))
         capture = KinkSet()
         if len(crossed):
             self.events["crossed"] += len(crossed)
@@ -271,7 +302,7 @@ def leave_measure(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.where(delta > 0, outside, torch.ones_like(theta))
 
 
-def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old") -> tuple[KinkSet, torch.Tensor]:
+def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None) -> tuple[KinkSet, torch.Tensor]:
     """Kinks outside ``sliding`` that changed side between two forwards (a step's start and a
     stage at fraction ``c`` of it), with the fraction of the step at which each crossed by
     linear interpolation of its ``h``.  Pool kinks are held with the window's ``side``
@@ -302,4 +333,27 @@ def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old
         fr.append(c * frac[keep].clamp(0.0, 1.0))
     if not site:
         return KinkSet(), torch.zeros(0)
-    return KinkSet(torch.cat(site), torch.cat(a), torch.cat(b), torch.cat(o)), torch.cat(fr)
+    found, frac = KinkSet(torch.cat(site), torch.cat(a), torch.cat(b), torch.cat(o)), torch.cat(fr)
+    if significant is not None and len(found):
+        mask = significant(found)
+        found, frac = found.subset(mask.nonzero().flatten()), frac[mask]
+    return found, frac
+
+
+def jumps(kinks: KinkSet, sites, probes) -> torch.Tensor:
+    """Estimated size ``|delta| ||grad h||`` of the jump each kink makes in the gradient when it
+    changes side: its backward signal times its normal's norm (from random probes)."""
+    out = torch.zeros(len(kinks), dtype=sites[0].z.dtype)
+    by_site = {s.index: (s, pr) for s, pr in zip(sites, probes)}
+    for k in torch.unique(kinks.site).tolist():
+        pos = (kinks.site == k).nonzero().flatten()
+        site, pr = by_site[k]
+        a, b, o = kinks.a[pos], kinks.b[pos], kinks.o[pos]
+        if site.kind == "relu":
+            signal = site.signal.reshape(-1)[a]
+            norm = pr[:, a].pow(2).mean(0).sqrt()
+        else:
+            signal = site.signal.reshape(-1)[o]
+            norm = (pr[:, a] - pr[:, b]).pow(2).mean(0).sqrt()
+        out[pos] = (signal.abs() * norm).to(out.dtype)
+    return out
