@@ -169,7 +169,7 @@ class DataParallel(Coordinator):
         self._sizes = [b - a for a, b in self.bounds]
         self._max_size = max(self._sizes)
         start, stop = self.bounds[self.rank]
-        self.problem = problem.sharded(start, stop, self.reduce)
+        self.problem = problem.sharded(start, stop, self.reduce, gather=self._all_gather)
         setup = dataclasses.replace(setup, problem=self.problem)
         setup.info["distributed"] = {
             "world_size": self.world_size,

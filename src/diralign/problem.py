@@ -7,6 +7,15 @@ chunks (bounded memory) or shards (``torch.distributed``); the pieces are combin
 log space, ``log L = logsumexp_c log L_c`` and
 ``grad log L = sum_c exp(log L_c - log L) grad log L_c``, which is exact because
 ``L = sum_c L_c`` and ``grad L = sum_c grad L_c`` (divide both by ``L``).
+
+Hessian-vector products of ``log L`` (the CVODE flow's exact J*v, :meth:`Problem.curvature`)
+combine the same way.  With ``pi_c = exp(log L_c - log L)`` (so ``g = sum_c pi_c g_c``) and
+``grad pi_c = pi_c (g_c - g)``, differentiating ``g`` once more gives
+
+    H = sum_c pi_c (H_c + g_c g_c^T) - g g^T,   H v = sum_c pi_c (H_c v + g_c <g_c, v>) - g <g, v>,
+
+exact like the gradient: each piece contributes its own ``H_c v`` (by double backward on its
+own graph), and the rest needs only the pieces' gradients, already at hand.
 """
 
 from __future__ import annotations
@@ -30,6 +39,23 @@ class Evaluation:
     grad: Optional[torch.Tensor]  # flat grad log L, or None
     margins: torch.Tensor  # p_i: y_i f(x_i) (binary) or f_y - max_{j!=y} f_j
     correct: int  # number of examples with p_i > 0
+
+
+@dataclass
+class Curvature:
+    """``log L`` and ``g = grad log L`` at ``w``, with exact Hessian-vector products there.
+
+    ``hvp(v)`` returns ``H v`` (``H = grad^2 log L`` over all ``n`` examples: every chunk
+    and, under torch.distributed, every process).  A problem in one piece keeps its graph
+    between products; a chunked one rebuilds each chunk's graph per product, so that memory
+    stays that of one chunk (three gradient-equivalents of work per product instead of two).
+    Under torch.distributed every process must call ``hvp`` alike (it is a collective).
+    """
+
+    w: torch.Tensor
+    log_risk: float
+    grad: torch.Tensor
+    hvp: Callable[[torch.Tensor], torch.Tensor]
 
 
 def is_multiclass_output(out: torch.Tensor) -> bool:
@@ -56,6 +82,7 @@ class Problem:
         chunk_size: Optional[int] = None,
         reducer: Optional[Callable] = None,
         n_total: Optional[int] = None,
+        gather: Optional[Callable] = None,
     ):
         self.model = model
         self.X = X
@@ -64,6 +91,9 @@ class Problem:
         self.degree = degree
         self.chunk_size = chunk_size
         self.reducer = reducer
+        # gather(tensor, what) -> [W, *tensor.shape], every process's tensor in rank order
+        # (the distributed coordinator's all-gather; Hessian-vector products need it).
+        self.gather = gather
         self.shard: Optional[tuple[int, int]] = None  # (start, stop) of X within all n examples (distributed)
         self.n = int(n_total if n_total is not None else X.shape[0])
         self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -80,11 +110,12 @@ class Problem:
         self.buffers = {name: b for name, b in model.named_buffers()}
         self.multiclass = y.dtype in (torch.int64, torch.int32)
 
-    def sharded(self, start: int, stop: int, reducer: Callable) -> Problem:
-        """This problem on examples ``[start, stop)`` only, its oracle combined by ``reducer``."""
+    def sharded(self, start: int, stop: int, reducer: Callable, gather: Optional[Callable] = None) -> Problem:
+        """This problem on examples ``[start, stop)`` only, its oracle combined by ``reducer``
+        (and its Hessian-vector products by ``gather``, an all-gather in rank order)."""
         # clone(): keep only the shard alive (the full data may be freed).
         shard = Problem(self.model, self.X[start:stop].clone(), self.y[start:stop].clone(), self.loss, self.degree,
-                        self.chunk_size, reducer=reducer, n_total=self.n)
+                        self.chunk_size, reducer=reducer, n_total=self.n, gather=gather)
         shard.shard = (start, stop)
         return shard
 
@@ -182,6 +213,74 @@ class Problem:
         return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=int(correct))
 
 
+    # -- curvature (exact Hessian-vector products) -------------------------------------
+    def _chunk_bounds(self) -> list[tuple[int, int]]:
+        n_local = self.X.shape[0]
+        size = self.chunk_size or n_local
+        return [(a, min(a + size, n_local)) for a in range(0, max(n_local, 1), max(size, 1))]
+
+    def _gradient_graph(self, w: torch.Tensor, a: int, b: int):
+        """``(leaf, log L_c, g_c)`` on examples ``[a, b)``, ``g_c`` differentiable once more."""
+        leaf = w.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            log_risk = self.log_risk_fn(leaf, self.X[a:b], self.y[a:b])
+            (g,) = torch.autograd.grad(log_risk, leaf, create_graph=True)
+        return leaf, log_risk.detach(), g
+
+    def curvature(self, w: torch.Tensor) -> Curvature:
+        """``log L``, ``g`` and exact ``v -> H v`` at ``w`` over all examples (see the module
+        docstring for the combination over chunks and processes)."""
+        bounds = self._chunk_bounds()
+        if len(bounds) == 1:
+            leaf, log_risk, g = self._gradient_graph(w, *bounds[0])
+            log_local, grad_local = log_risk, g.detach()
+
+            def local_hvp(v):
+                (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
+                return hv
+        else:
+            # Bounded memory: keep each chunk's gradient, rebuild its graph per product.
+            graphs = [self._gradient_graph(w, a, b) for a, b in bounds]
+            logs = torch.stack([lr for _, lr, _ in graphs])
+            grads = [g.detach() for _, _, g in graphs]
+            del graphs
+            log_local, grad_local = combine_log_space([(lr, g, None) for lr, g in zip(logs, grads)])[:2]
+
+            def local_hvp(v):
+                products = []
+                for a, b in bounds:
+                    leaf, _, g = self._gradient_graph(w, a, b)
+                    (hv,) = torch.autograd.grad(g, leaf, v)
+                    products.append(hv)
+                return combine_hvp(logs, grads, products, v, log_local, grad_local)
+
+        if self.gather is None:
+            return Curvature(w.detach(), float(log_local), grad_local, local_hvp)
+        # Processes: [log L_r, g_r] of every rank (in rank order) once, then H_r v per product.
+        dtype, device = grad_local.dtype, grad_local.device
+        header = torch.as_tensor(log_local, dtype=torch.float64).reshape(1).to(grad_local.device)
+        rows = self.gather(torch.cat([header, grad_local.to(torch.float64)]), "the gradient all-gather")
+        rank_logs = rows[:, 0]
+        rank_grads = list(rows[:, 1:].unbind(0))
+        log_total, grad = combine_log_space([(lr, g, None) for lr, g in zip(rank_logs, rank_grads)])[:2]
+
+        def hvp(v):
+            products = self.gather(local_hvp(v).to(torch.float64), "the Hessian-vector product all-gather")
+            v64 = v.to(device=products.device, dtype=torch.float64)
+            hv = combine_hvp(rank_logs, rank_grads, list(products.unbind(0)), v64, log_total, grad)
+            return hv.to(device=device, dtype=dtype)
+
+        return Curvature(w.detach(), float(log_total), grad.to(device=device, dtype=dtype), hvp)
+
+
+def combine_hvp(logs: torch.Tensor, grads, products, v: torch.Tensor, log_total, grad: torch.Tensor) -> torch.Tensor:
+    """``H v = sum_c pi_c (H_c v + g_c <g_c, v>) - g <g, v>`` from the pieces' ``log L_c``,
+    ``g_c`` and ``H_c v`` (``pi_c = exp(log L_c - log L)``, the weights of the gradient)."""
+    weights = torch.exp(logs - log_total)
+    out = sum(wt * (hv + g * torch.dot(g, v)) for wt, g, hv in zip(weights, grads, products))
+    return out - grad * torch.dot(grad, v)
+
+
 def combine_log_space(pieces):
     """Combine ``(log L_c, grad log L_c, margins_c)`` of disjoint pieces exactly.
 
@@ -196,5 +295,5 @@ def combine_log_space(pieces):
     if pieces[0][1] is not None:
         weights = torch.exp(logs - total)
         grad = sum(wt * p[1] for wt, p in zip(weights, pieces))
-    margins = torch.cat([p[2] for p in pieces])
+    margins = None if pieces[0][2] is None else torch.cat([p[2] for p in pieces])
     return total, grad, margins
