@@ -54,13 +54,14 @@ import dataclasses
 import hashlib
 import os
 import re
+import sys
 from datetime import timedelta
 from typing import Optional
 
 import torch
 
 from .errors import UserError
-from .problem import Evaluation, combine_log_space
+from .problem import Evaluation, piece_bounds
 from .runtime import RuntimeOptions
 from .trainer import Coordinator
 
@@ -159,23 +160,35 @@ class DataParallel(Coordinator):
                 raise DistributedError(f"rank {self.rank}: could not join the process group ({_first_line(exc)}); launch with torchrun") from None
             atexit.register(self.close)
         n = problem.X.shape[0]
-        if n < self.world_size:
-            raise UserError(f"{n} examples cannot be split over {self.world_size} ranks; use fewer processes")
+        count = int(config.pieces) or self.world_size
+        if n < count:
+            raise UserError(f"{n} examples cannot be split into {count} pieces (one per process); use fewer processes")
         self._check_same(
             [_digest(problem.X), _digest(problem.y), _digest(setup.w0)],
             "data and initial parameters (different seeds, files or library versions on the ranks?)",
         )
-        self.bounds = [(r * n // self.world_size, (r + 1) * n // self.world_size) for r in range(self.world_size)]
+        # Rank r holds the contiguous run of pieces [r*P//W, (r+1)*P//W): all of them when the
+        # run started on W processes (P = W), several each when it resumes on fewer.
+        everything = piece_bounds(n, count)
+        runs = [everything[r * count // self.world_size : (r + 1) * count // self.world_size] for r in range(self.world_size)]
+        edges = [0]
+        for held in runs:
+            edges.append(held[-1][1] if held else edges[-1])
+        self.bounds = list(zip(edges[:-1], edges[1:]))
         self._sizes = [b - a for a, b in self.bounds]
         self._max_size = max(self._sizes)
-        start, stop = self.bounds[self.rank]
-        self.problem = problem.sharded(start, stop, self.reduce, gather=self._all_gather)
+        self.problem = problem.sharded(runs[self.rank], self._all_gather, [len(held) for held in runs])
+        if count < self.world_size and self.rank == 0:
+            print(f"diralign: note: this run evaluates its data in {count} pieces (fixed when it started, so that its "
+                  f"results do not depend on the process count); {self.world_size - count} of {self.world_size} "
+                  "processes hold none", file=sys.stderr, flush=True)
         setup = dataclasses.replace(setup, problem=self.problem)
         setup.info["distributed"] = {
             "world_size": self.world_size,
             "backend": self.backend,
-            "sharding": "contiguous blocks [r*n//W, (r+1)*n//W)",
-            "reduction": "all_gather float64, log-space combine in rank order",
+            "pieces": count,
+            "sharding": "contiguous pieces [p*n//P, (p+1)*n//P); rank r holds pieces [r*P//W, (r+1)*P//W)",
+            "reduction": "all_gather float64, log-space combine in piece order",
         }
         return setup
 
@@ -211,20 +224,6 @@ class DataParallel(Coordinator):
         differ = [r for r in range(self.world_size) if not torch.equal(everyone[r].cpu(), everyone[0].cpu())]
         if differ:
             raise DistributedError(f"ranks {differ} differ from rank 0 in {what}; the ranks must not drift apart")
-
-    def reduce(self, log_risk, grad, margins):
-        """Problem reducer: global ``log L``, ``grad log L`` and correct count; local margins."""
-        log_risk = torch.as_tensor(log_risk, dtype=torch.float64, device=margins.device).reshape(1)
-        header = torch.cat([log_risk, (margins > 0).sum().to(torch.float64).reshape(1)])
-        packed = header if grad is None else torch.cat([header, grad.to(torch.float64)])
-        rows = self._all_gather(packed, "the gradient all-gather")
-        empty = rows.new_zeros(0)
-        pieces = [(row[0], None if grad is None else row[2:], empty) for row in rows]
-        total, reduced, _ = combine_log_space(pieces)
-        correct = int(rows[:, 1].sum().item())
-        if reduced is not None:
-            reduced = reduced.to(device=grad.device, dtype=grad.dtype)
-        return total.to(margins.device), reduced, margins, correct
 
     def complete(self, ev: Evaluation) -> Evaluation:
         """The same evaluation with all ``n`` margins, in example order, on every rank."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -128,6 +129,14 @@ def _experiment(spec) -> Experiment:
     return spec if isinstance(spec, Experiment) else get_experiment(spec)
 
 
+def resolve_pieces(config, coordinator: Coordinator):
+    """``pieces = 0`` means one per process of the launch that starts the run; a run's
+    config.json records the number, so that its resumes use the same arithmetic."""
+    if getattr(config, "pieces", 1):
+        return config
+    return dataclasses.replace(config, pieces=coordinator.world_size)
+
+
 def build(experiment, config, coordinator: Coordinator):
     runtime = RuntimeOptions.from_config(config)
     dtype, device = resolve_dtype_device(runtime)
@@ -151,6 +160,7 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     if isinstance(config, (list, tuple)):
         config = apply_overrides(experiment.default_config(), list(config))
     coordinator = coordinator or Coordinator()
+    config = resolve_pieces(config, coordinator)
     if coordinator.is_writer:
         RunWriter.check_target(out, force=force)
     # Build everything before touching the disk: a bad setting must not leave a half-made
@@ -189,7 +199,7 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
     payload = store.load_checkpoint()
     if not isinstance(payload.get("state"), dict) or "w" not in payload["state"]:
         raise UserError(f"{path / schema.CHECKPOINT} holds no training state; restore the run's own checkpoint")
-    config = config_from_dict(experiment.Config, run.config)
+    config = resolve_pieces(config_from_dict(experiment.Config, run.config), coordinator)
     setup = build(experiment, config, coordinator)
     problem = setup.problem
     if payload["state"]["w"].numel() != problem.dim:

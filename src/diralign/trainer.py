@@ -11,6 +11,7 @@ trains the NTK model of Fig. 1 and follows dynamics in the benchmarks (``store=N
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import time
@@ -150,13 +151,21 @@ class Coordinator:
     implements the same methods with collectives, so the loop never asks which it has."""
 
     is_writer = True
+    world_size = 1
     # Whether a long step may be abandoned mid-way on a signal or budget: only where every
     # process would abandon it at the same evaluation (a single process).
     aborts_inside_steps = True
 
     def prepare(self, setup, config):
-        """The experiment's setup as this process will train it (a shard of it, for data parallelism)."""
-        return setup
+        """The experiment's setup as this process will train it: in the run's pieces (a shard
+        of them, for data parallelism; ``pieces`` is resolved by the runner)."""
+        count = int(getattr(config, "pieces", 0) or 1)
+        if count == 1:
+            return setup
+        problem = setup.problem
+        if problem.X.shape[0] < count:
+            raise UserError(f"{problem.X.shape[0]} examples cannot be split into pieces={count}; use fewer pieces")
+        return dataclasses.replace(setup, problem=problem.split(count))
 
     def adopt(self, state: TrainState) -> None:
         """A resumed state: check it fits the problem (and is shared by every process)."""

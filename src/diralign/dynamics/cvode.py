@@ -112,8 +112,9 @@ class SClockSystem:
 
     CVODE hands numpy views of its own vectors; they become torch tensors without a copy
     (``torch.from_numpy``), and results are written straight into CVODE's output arrays.
-    The one copy left is the point whose graph is kept for Hessian-vector products: CVODE
-    reuses its work vectors, and a graph must not see its inputs change underneath it.
+    The one copy left is the point whose graph is kept for Hessian-vector products
+    (:meth:`~diralign.problem.Problem.curvature` makes it): CVODE reuses its work vectors, and
+    a graph must not see its inputs change underneath it.
     """
 
     def __init__(self, problem):
@@ -145,9 +146,8 @@ class SClockSystem:
             target.copy_((value * scale).to(device="cpu", dtype=torch.float64))
 
     def _curvature(self, y: np.ndarray):
-        w = self._torch(y)
-        # A copy: CVODE reuses its work vectors, and the graph must keep seeing this point.
-        return self.problem.curvature(w.clone() if self.cpu64 else w)
+        # (curvature() copies the point: CVODE reuses its work vectors under the graph)
+        return self.problem.curvature(self._torch(y))
 
     def rhs(self, t, y, yp) -> None:
         self.check_abort()
