@@ -60,6 +60,7 @@ from typing import Optional
 
 import torch
 
+from .dynamics import StepAborted
 from .errors import UserError
 from .problem import Evaluation, piece_bounds
 from .runtime import RuntimeOptions
@@ -103,9 +104,9 @@ def coordinator_for(command: str, wanted: bool, device: str, run_dir: Optional[s
 class DataParallel(Coordinator):
     """The distributed coordinator of one rank; see the module docstring for the design."""
 
-    # A signal or budget inside a step would stop one rank at one evaluation and the others
-    # at another; ranks stop between steps only (agree()).
-    aborts_inside_steps = False
+    # Codes of the reasons to abandon a step, exchanged at every all-gather inside a step:
+    # the largest any rank sent wins, on every rank alike.
+    ABORTS = (None, "stalled", "max_wall_seconds", "signal")
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: str = "cpu"):
         self.rank = rank
@@ -119,6 +120,7 @@ class DataParallel(Coordinator):
         self.bounds: list[tuple[int, int]] = []
         self._sizes: list[int] = []
         self._max_size = 0
+        self._abort = None  # inside a step: the trainer's wanted(), asked at each all-gather
         if device.startswith("cuda") and torch.cuda.is_available() and local_rank < torch.cuda.device_count():
             # Before the experiment builds its tensors, so that device=cuda means this rank's GPU.
             torch.cuda.set_device(local_rank)
@@ -177,7 +179,7 @@ class DataParallel(Coordinator):
         self.bounds = list(zip(edges[:-1], edges[1:]))
         self._sizes = [b - a for a, b in self.bounds]
         self._max_size = max(self._sizes)
-        self.problem = problem.sharded(runs[self.rank], self._all_gather, [len(held) for held in runs])
+        self.problem = problem.sharded(runs[self.rank], self._evaluation_gather, [len(held) for held in runs])
         if count < self.world_size and self.rank == 0:
             print(f"diralign: note: this run evaluates its data in {count} pieces (fixed when it started, so that its "
                   f"results do not depend on the process count); {self.world_size - count} of {self.world_size} "
@@ -218,6 +220,28 @@ class DataParallel(Coordinator):
             ) from None
         return out
 
+    def _evaluation_gather(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """The problem's all-gather.  Inside a step each rank adds why it wants to abandon the
+        step (a signal, its budget, a stall; 0: it does not); if any rank does, every rank
+        raises the same :class:`StepAborted` after the same gather, so that all leave the step
+        at the same evaluation and branch alike (a signal to one rank stops them all)."""
+        if self._abort is None:
+            return self._all_gather(tensor, what)
+        code = float(self.ABORTS.index(self._abort()))
+        flagged = torch.cat([tensor.reshape(-1).to(torch.float64), tensor.new_tensor([code], dtype=torch.float64)])
+        rows = self._all_gather(flagged, what)
+        worst = int(rows[:, -1].max().item())
+        if worst:
+            raise StepAborted(self.ABORTS[worst])
+        return rows[:, :-1].reshape(self.world_size, *tensor.shape)
+
+    def begin_step(self, dynamics, wanted) -> None:
+        dynamics.abort_requested = None  # asked at the all-gathers instead (see _evaluation_gather)
+        self._abort = wanted
+
+    def end_step(self, dynamics) -> None:
+        self._abort = None
+
     def _check_same(self, digests: list[bytes], what: str) -> None:
         mine = torch.tensor(list(b"".join(digests)), dtype=torch.float64)
         everyone = self._all_gather(mine, f"comparing {what}")
@@ -240,11 +264,12 @@ class DataParallel(Coordinator):
         state.ev = self.complete(state.ev)
         self._check_same([_digest(state.w), _digest(state.ev.margins)], f"parameters at step {state.steps}")
 
-    def agree(self, wall: float, due: bool, stop: bool) -> tuple[float, bool, bool]:
-        """Rank 0's wall clock and checkpoint decision; stop if any rank was signalled."""
-        mine = torch.tensor([wall, float(due), float(stop)], dtype=torch.float64)
+    def agree(self, wall: float, due: bool, stop: bool, stalled: bool = False) -> tuple[float, bool, bool, bool]:
+        """Rank 0's wall clock and checkpoint decision; stop if any rank was signalled, and
+        stalled if any rank's stall goal says so."""
+        mine = torch.tensor([wall, float(due), float(stop), float(stalled)], dtype=torch.float64)
         rows = self._all_gather(mine, "agreeing on the next step").cpu()
-        return float(rows[0, 0]), bool(rows[0, 1] > 0), bool((rows[:, 2] > 0).any())
+        return float(rows[0, 0]), bool(rows[0, 1] > 0), bool((rows[:, 2] > 0).any()), bool((rows[:, 3] > 0).any())
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -23,6 +23,7 @@ from .experiments import Experiment, get_experiment
 from .models.homogeneity import homogeneity_degree
 from .models.structure import nonsmooth_operations
 from .rundir import Run, RunWriter, schema
+from .separability import check_separable
 from .runtime import RuntimeOptions, apply_runtime_settings, resolve_dtype_device
 from .trainer import Coordinator, GoalOptions, LoggingOptions, Trainer, TrainState, initial_state
 
@@ -142,6 +143,7 @@ def build(experiment, config, coordinator: Coordinator):
     dtype, device = resolve_dtype_device(runtime)
     apply_runtime_settings(runtime)
     setup = experiment.setup(config, dtype, device)
+    check_separable(setup.problem)  # all n examples, on every process alike
     problem = setup.problem
     if runtime.threads == 0 and problem.device.type == "cpu" and problem.dim * problem.X.shape[0] < 2_000_000:
         # Tiny problems (deep linear, small nets): one gradient costs tens of
@@ -176,6 +178,7 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
         schema.META_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     state = initial_state(setup.problem, setup.w0)
+    check_target_above_start(config, setup.problem, state.ev)
     setup.extras["initial_evaluation"] = state.ev
     report = assumption_report(setup, config)
     store = None
@@ -186,6 +189,23 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
         if not quiet:
             print(format_assumptions(report), flush=True)
     return _run(experiment, setup, config, store, state, quiet, coordinator)
+
+
+def check_target_above_start(config, problem, ev) -> None:
+    """A target at or below the starting ln(n/L) means nothing: the run would "finish"
+    after 0 steps.  Refused before the run directory is touched."""
+    target = GoalOptions.from_config(config).target_ln_n_over_L
+    start = math.log(problem.n) - ev.log_risk
+    if not target > start:
+        raise UserError(
+            f"target_ln_n_over_L={target:g} is at or below where this run starts: ln(n/L) = {start:.6g} at the "
+            f"initial weights (risk falls from there); set a target above it, e.g. --set target_ln_n_over_L={_above(start):g}"
+        )
+
+
+def _above(start: float) -> float:
+    """A round target above ``start``: the next power of ten (at least 10)."""
+    return 10.0 ** max(1, math.ceil(math.log10(max(start, 1.0) * 1.01)))
 
 
 def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = None, experiment=None):
@@ -259,6 +279,7 @@ def summarize(experiment, setup, state, config, dynamics) -> dict:
         "dynamics": describe_dynamics(config),
         "faithful_to_flow": bool(dynamics.faithful_to_flow),
         "stop_reason": state.stop_reason,
+        "stop_message": state.stop_message,
         "first_separable_step": state.first_separable_step,
         "first_separable_ln_n_over_L": state.first_separable_ln,
         "assumption_2_3_step": state.below_loss_at_zero_step,

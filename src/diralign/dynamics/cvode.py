@@ -126,6 +126,7 @@ class SClockSystem:
         # Called before every evaluation; raising StepAborted inside a CVODE callback
         # propagates out of the solve (scikit-sundae re-raises it), abandoning the segment.
         self.check_abort = lambda: None
+        self.observe = lambda log_risk: None  # each right-hand side's log L (the stall goal)
 
     @property
     def grad_evals(self) -> int:
@@ -154,10 +155,12 @@ class SClockSystem:
         self.rhs_evals += 1
         if self.exact:
             self.graph = self._curvature(y)
-            gd = self.graph.grad
+            gd, log_risk = self.graph.grad, self.graph.log_risk
         else:
             self.graph = None
-            gd = self.problem.evaluate(self._torch(y)).grad
+            ev = self.problem.evaluate(self._torch(y))
+            gd, log_risk = ev.grad, ev.log_risk
+        self.observe(log_risk)
         gg = float(torch.dot(gd, gd))
         if not (gg > 0 and math.isfinite(gg)):
             # CVODE treats a non-finite derivative as a failed step and retries smaller.
@@ -209,6 +212,7 @@ class CvodeFlow(Dynamics):
         self.jacobian = options.cvode_jacobian
         self.system = SClockSystem(problem)
         self.system.check_abort = self.check_abort
+        self.system.observe = lambda log_risk: self.observe is not None and self.observe(log_risk)
         self.hvp_ok: Optional[bool] = None
         self.segment: Optional[dict] = None  # start, end, outputs returned (checkpointed)
         self.solver = None
