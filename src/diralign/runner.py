@@ -23,8 +23,8 @@ from .experiments import Experiment, get_experiment
 from .models.homogeneity import homogeneity_degree
 from .models.structure import nonsmooth_operations
 from .rundir import Run, RunWriter, schema
+from .runtime import ProblemOptions, RuntimeOptions, apply_runtime_settings, resolve_dtype_device
 from .separability import check_separable
-from .runtime import RuntimeOptions, apply_runtime_settings, resolve_dtype_device
 from .trainer import Coordinator, GoalOptions, LoggingOptions, Trainer, TrainState, initial_state
 
 
@@ -133,7 +133,7 @@ def _experiment(spec) -> Experiment:
 def resolve_pieces(config, coordinator: Coordinator):
     """``pieces = 0`` means one per process of the launch that starts the run; a run's
     config.json records the number, so that its resumes use the same arithmetic."""
-    if getattr(config, "pieces", 1):
+    if ProblemOptions.from_config(config).pieces:
         return config
     return dataclasses.replace(config, pieces=coordinator.world_size)
 

@@ -28,6 +28,7 @@ from .losses import log_loss_at_zero
 from .options import Options, option
 from .problem import Evaluation, Problem
 from .rundir import schema
+from .runtime import ProblemOptions
 from .stall import StallWatch
 from .stall import fresh_state as stall_state
 
@@ -173,7 +174,7 @@ class Coordinator:
     def prepare(self, setup, config):
         """The experiment's setup as this process will train it: in the run's pieces (a shard
         of them, for data parallelism; ``pieces`` is resolved by the runner)."""
-        count = int(getattr(config, "pieces", 0) or 1)
+        count = ProblemOptions.from_config(config).pieces or 1
         if count == 1:
             return setup
         problem = setup.problem
