@@ -5,6 +5,9 @@
     diralign plot runs/dl
     diralign verify --quick --json verify.json
     diralign bench --quick --json b.json
+    diralign sweep fig1 --grid width=200,400 --grid seed=0,1 --set target_ln_n_over_L=30 --jobs 2 --out sweeps/w
+    diralign compare sweeps/w --out figures/w
+    diralign export runs/dl --tensorboard tb/dl
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="draw the figures of a run directory")
     plot.add_argument("dir")
+
+    from . import compare as compare_module
+    from . import sweep as sweep_module
+
+    sweep = sub.add_parser("sweep", help="run the product of --grid values, one run directory per point (re-run to continue)")
+    sweep_module.add_arguments(sweep)
+
+    compare = sub.add_parser("compare", help="overlay runs' curves against ln(n/L), labelled by how their configs differ")
+    compare_module.add_arguments(compare)
+
+    export = sub.add_parser("export", help="convert a run (or each run of a sweep) to other formats")
+    export.add_argument("dir", help="run directory or sweep directory")
+    export.add_argument("--tensorboard", metavar="OUT", required=True, help="write TensorBoard event files into OUT (a sweep: OUT/POINT)")
+    export.add_argument("--force", action="store_true", help="replace the event files in a non-empty OUT")
 
     show = sub.add_parser("config", help="print an experiment's default config (the keys --set accepts)")
     show.add_argument("experiment")
@@ -126,6 +143,20 @@ def dispatch(args) -> int:
             from .bench import main_from_args
 
             return main_from_args(args)
+        elif args.command == "sweep":
+            from .sweep import main as sweep_main
+
+            return sweep_main(args)
+        elif args.command == "compare":
+            from .compare import main as compare_main
+
+            return compare_main(args)
+        elif args.command == "export":
+            from .tensorboard import export_many
+
+            for path in export_many(args.dir, args.tensorboard, force=args.force):
+                print(path)
+            return 0
         elif args.command == "config":
             import dataclasses
             from .experiments import get_experiment

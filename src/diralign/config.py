@@ -48,6 +48,7 @@ class TrainConfig:
     store_directions_max_params: int = 2_000_000  # keep W/||W|| at log points if P <= this
     checkpoint_every_seconds: float = 30.0
     checkpoint_every_steps: int = 0  # 0: time-based only
+    tensorboard: bool = False  # also write TensorBoard events to DIR/tensorboard/ as the run goes (extra: tensorboard)
     distributed: bool = False  # data-parallel under torchrun (see diralign.distributed)
     distributed_timeout_seconds: float = 300.0  # a collective waiting longer means a rank died or hung
 

@@ -45,6 +45,57 @@ def save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+# The instrument panel's curves against ln(n/L): name -> (title, y scale).  ``diralign
+# plot`` draws one run per panel, ``diralign compare`` overlays several (one code path).
+CURVES = {
+    "min_normalized_margin": ("min normalised margin $\\gamma$", "linear"),
+    "alignment_cos": ("alignment $\\cos(W, -\\nabla L)$", "linear"),
+    "one_minus_cos": ("$1 - \\cos(W, -\\nabla L)$", "log"),
+    "path_length": ("directional path length $\\zeta$", "linear"),
+    "normalized_smoothed_margin": ("normalised smoothed margin $\\tilde\\alpha$", "linear"),
+    "angle_to_final": ("angle to final direction (rad)", "log"),
+}
+
+
+def curve(run_dir, name: str, log=None):
+    """``(x, y)`` of curve ``name`` for a run (x = ``ln(n/L)`` at its log points), or None."""
+    run_dir = Path(run_dir)
+    log = read_log(run_dir) if log is None else log
+    x = log["ln_n_over_L"].to_numpy()
+    if name == "angle_to_final":
+        path = run_dir / "angle_to_final.npy"  # written when the run finishes
+        if not path.exists():
+            return None
+        angles = np.load(path)
+        m = min(len(angles), len(x))
+        return x[:m], np.maximum(angles[:m], 1e-16)
+    if name == "one_minus_cos":
+        if "alignment_cos" not in log:
+            return None
+        return x, np.maximum(1.0 - log["alignment_cos"].to_numpy(dtype=float), 1e-16)
+    if name not in log or not np.isfinite(log[name].to_numpy(dtype=float)).any():
+        return None
+    return x, log[name].to_numpy(dtype=float)
+
+
+def style_axis(ax, name: str) -> None:
+    title, yscale = CURVES[name]
+    ax.set_title(title)
+    ax.set_xlabel("$\\ln(n/L)$")
+    ax.set_yscale(yscale)
+    ax.set_xscale("symlog", linthresh=10.0)
+    ax.grid(alpha=0.3)
+
+
+def draw_curve(ax, run_dir, name: str, log=None, **line) -> bool:
+    """Curve ``name`` of one run on ``ax`` (matplotlib ``line`` keywords); False if absent."""
+    data = curve(run_dir, name, log)
+    if data is None:
+        return False
+    ax.plot(*data, **{"lw": 1.5, **line})
+    return True
+
+
 def plot_curves(run_dir, out_dir=None) -> list[Path]:
     plt = _pyplot()
     run_dir = Path(run_dir)
@@ -52,27 +103,10 @@ def plot_curves(run_dir, out_dir=None) -> list[Path]:
     log = read_log(run_dir)
     x = log["ln_n_over_L"].to_numpy()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = [
-        ("min_normalized_margin", "min normalised margin $\\gamma$"),
-        ("alignment_cos", "alignment $\\cos(W, -\\nabla L)$"),
-        ("path_length", "directional path length $\\zeta$"),
-        ("normalized_smoothed_margin", "normalised smoothed margin $\\tilde\\alpha$"),
-    ]
-    for ax, (col, title) in zip(axes.flat, panels):
-        if col in log and np.isfinite(log[col]).any():
-            ax.plot(x, log[col], lw=1.5)
-        ax.set_title(title)
-        ax.set_xlabel("$\\ln(n/L)$")
-        ax.grid(alpha=0.3)
-    ax = axes.flat[4]
-    angles_path = run_dir / "angle_to_final.npy"
-    if angles_path.exists():
-        angles = np.load(angles_path)
-        m = min(len(angles), len(x))
-        ax.semilogy(x[:m], np.maximum(angles[:m], 1e-16))
-    ax.set_title("angle to final direction (rad)")
-    ax.set_xlabel("$\\ln(n/L)$")
-    ax.grid(alpha=0.3)
+    panels = ["min_normalized_margin", "alignment_cos", "path_length", "normalized_smoothed_margin", "angle_to_final"]
+    for ax, name in zip(axes.flat, panels):
+        draw_curve(ax, run_dir, name, log)
+        style_axis(ax, name)
     ax = axes.flat[5]
     shares = [c for c in log.columns if c.startswith("share:")]
     for col in shares[:12]:
@@ -82,8 +116,7 @@ def plot_curves(run_dir, out_dir=None) -> list[Path]:
     ax.set_title("per-layer norm share $\\|U_j\\|^2/\\|W\\|^2$")
     ax.set_xlabel("$\\ln(n/L)$")
     ax.grid(alpha=0.3)
-    for ax in axes.flat:
-        ax.set_xscale("symlog", linthresh=10.0)
+    ax.set_xscale("symlog", linthresh=10.0)
     fig.tight_layout()
     paths = save(fig, out_dir, "curves")
     plt.close(fig)

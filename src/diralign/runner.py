@@ -168,6 +168,7 @@ def start_run(experiment_name, overrides: list[str], out, force: bool = False, q
     # leave a half-made run directory, nor delete the run that --force would replace.
     experiment, setup = build(experiment, config)
     make_dynamics(setup.problem, config)
+    _check_tensorboard(config)
     store = RunDir.create(out, force=force) if is_writer else None
     if distributed is not None:
         distributed.attach(setup, config)
@@ -203,6 +204,7 @@ def resume_run(path, quiet: bool = False, distributed=None, experiment=None):
         raise UserError(f"{path} is a {meta['experiment']!r} run, not {experiment.name!r}")
     experiment = experiment if experiment is not None else get_experiment(meta["experiment"])
     config = config_from_dict(experiment.Config, meta["config"])
+    _check_tensorboard(config)
     experiment, setup = build(experiment, config)
     if distributed is not None:
         distributed.attach(setup, config)
@@ -215,6 +217,13 @@ def resume_run(path, quiet: bool = False, distributed=None, experiment=None):
     if not is_writer:
         store = None
     return _run(experiment, setup, config, store, state, quiet, meta["experiment"], distributed, payload=payload)
+
+
+def _check_tensorboard(config) -> None:
+    if getattr(config, "tensorboard", False):
+        from .tensorboard import summary_writer_class
+
+        summary_writer_class()  # a missing package is one line, before the disk is touched
 
 
 def finite_or_none_dict(d: dict) -> dict:
@@ -241,16 +250,29 @@ def _run(experiment, setup, config, store, state, quiet, experiment_name, distri
             store.truncate_to(payload["positions"])
     if payload is not None:
         dynamics.load_state_dict(payload["dynamics"])
+    live_tb = None
+    if store is not None and getattr(config, "tensorboard", False):
+        from .tensorboard import LiveWriter
+
+        # after truncate_to: the stream is rebuilt from the rows the checkpoint kept
+        live_tb = LiveWriter.open(store.path, problem.degree, resumed=payload is not None)
+        ctx.callbacks.append(live_tb)
     progress = Progress(ctx.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
     try:
-        state = train_loop(ctx, state, progress)
+        try:
+            state = train_loop(ctx, state, progress)
+        finally:
+            progress.close()
+        summary = summarize(setup, state, config, dynamics)
+        summary.update(experiment.finish(setup, state, store, config))
+        if store is not None:
+            finish_store(store, setup, state, summary)
+            store.close()
+        if live_tb is not None:
+            live_tb.finish(summary)
     finally:
-        progress.close()
-    summary = summarize(setup, state, config, dynamics)
-    summary.update(experiment.finish(setup, state, store, config))
-    if store is not None:
-        finish_store(store, setup, state, summary)
-        store.close()
+        if live_tb is not None:
+            live_tb.close()
     return summary, state, setup
 
 
