@@ -68,14 +68,20 @@ def curve(run_dir, name: str, log=None):
             return None
         angles = np.load(path)
         m = min(len(angles), len(x))
-        return x[:m], np.maximum(angles[:m], 1e-16)
+        return x[:m], _positive(angles[:m])
     if name == "one_minus_cos":
         if "alignment_cos" not in log:
             return None
-        return x, np.maximum(1.0 - log["alignment_cos"].to_numpy(dtype=float), 1e-16)
+        return x, _positive(1.0 - log["alignment_cos"].to_numpy(dtype=float))
     if name not in log or not np.isfinite(log[name].to_numpy(dtype=float)).any():
         return None
     return x, log[name].to_numpy(dtype=float)
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    # Log axes: an exact 0 (the final direction's angle to itself) is a gap, not a cliff.
+    values = np.asarray(values, dtype=float)
+    return np.where(values > 0, values, np.nan)
 
 
 def style_axis(ax, name: str) -> None:
