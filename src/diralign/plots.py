@@ -90,6 +90,11 @@ def style_axis(ax, name: str) -> None:
     ax.set_xlabel("$\\ln(n/L)$")
     ax.set_yscale(yscale)
     ax.set_xscale("symlog", linthresh=10.0)
+    xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.get_lines()]
+    xs = np.concatenate(xs) if xs else np.zeros(0)
+    xs = xs[np.isfinite(xs)]
+    if xs.size and xs.max() > xs.min():  # autoscale pads symlog axes into negative ln(n/L)
+        ax.set_xlim(xs.min(), xs.max())
     ax.grid(alpha=0.3)
 
 
