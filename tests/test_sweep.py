@@ -186,3 +186,13 @@ def test_missing_submitit_is_one_line_naming_the_extra(tmp_path, capsys, monkeyp
     assert cli.main(["sweep", "deep-linear", "--grid", "seed=0", "--launcher", "submitit", "--out", str(out)]) == 2
     one_line_error(capsys, "diralign[cluster]")
     assert not out.exists()
+
+
+def test_submitit_without_slurm_is_one_line(tmp_path, capsys):
+    submitit = pytest.importorskip("submitit")
+    if submitit.AutoExecutor.which() == "slurm":
+        pytest.skip("this machine has SLURM")
+    out = tmp_path / "S"
+    assert cli.main(["sweep", "deep-linear", "--grid", "seed=0", "--launcher", "submitit", "--out", str(out)]) == 2
+    one_line_error(capsys, "no SLURM here", "submitit-local")
+    assert not out.exists()

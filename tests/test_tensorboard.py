@@ -95,6 +95,18 @@ def test_export_equals_live_stream(finished_run, tmp_path):
     assert read_scalars(out / HPARAMS_RUN) == read_scalars(finished_run / "tensorboard" / HPARAMS_RUN)
 
 
+def test_export_of_a_sweep_writes_one_stream_per_point(finished_run, tmp_path):
+    import shutil
+
+    from diralign import sweep
+
+    swept = tmp_path / "S"
+    sweep.prepare_dir(swept, sweep.sweep_record("deep-linear", [("seed", ["0"])], ["target_ln_n_over_L=5"]))
+    shutil.copytree(finished_run, swept / "seed=0")
+    assert cli.main(["export", str(swept), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert read_scalars(tmp_path / "tb" / "seed=0") == read_scalars(finished_run / "tensorboard")
+
+
 def test_export_refuses_bad_targets(finished_run, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

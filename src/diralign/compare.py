@@ -50,8 +50,10 @@ def collect(paths) -> tuple[list[Path], list[str]]:
 
 
 def _flat_config(run_dir: Path) -> dict:
-    meta = json.loads((run_dir / "config.json").read_text())
-    flat = {"experiment": meta.get("experiment")}
+    from .api import load_run
+
+    run = load_run(run_dir)
+    flat = {"experiment": run.experiment}
 
     def walk(d):  # sectioned configs (runtime, dynamics, ...) flatten to their leaf keys
         for key, value in d.items():
@@ -60,7 +62,7 @@ def _flat_config(run_dir: Path) -> dict:
             else:
                 flat[key] = value
 
-    walk(meta.get("config", {}))
+    walk(run.config)
     return flat
 
 

@@ -317,7 +317,7 @@ def launch_submitit(experiment, out: Path, points, jobs: int, plot: bool, report
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=int(slurm.get("timeout_min") or 60 * 24))
     else:
-        executor = submitit.AutoExecutor(folder=str(folder))
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         params = {"slurm_array_parallelism": jobs, "name": f"diralign-{experiment}"}
         params.update({k: v for k, v in slurm.items() if v is not None})
         executor.update_parameters(**params)
@@ -346,16 +346,17 @@ def write_table(out: Path, grid, points, outcomes: dict) -> Path:
     """``sweep.csv`` from the run directories as they are now (plus this run's errors)."""
     import pandas as pd
 
+    from .api import load_run
     from .runner import SUMMARY_KEYS
 
     rows, extra_keys = [], []
     for point in points:
         run_dir = out / point.name
         summary = {}
-        if (run_dir / "summary.json").is_file():
+        if (run_dir / "config.json").is_file():
             try:
-                summary = json.loads((run_dir / "summary.json").read_text())
-            except ValueError:
+                summary = load_run(run_dir).summary
+            except UserError:  # a damaged point is reported by its status, not by a crash
                 summary = {}
         outcome = outcomes.get(point.name)
         if summary:
@@ -408,8 +409,11 @@ def main(args) -> int:
     grid = parse_grid(args.grid)
     points = expand(args.experiment, grid, args.overrides)
     out = Path(args.out)
-    if args.launcher == "submitit":
-        _submitit()  # a missing package is reported before anything is written
+    if args.launcher != "local":
+        submitit = _submitit()  # a missing package or cluster is reported before anything is written
+        # AutoExecutor would quietly fall back to local jobs without SLURM: say so instead
+        if args.launcher == "submitit" and submitit.AutoExecutor.which() != "slurm":
+            raise UserError("--launcher submitit found no SLURM here (no sbatch); use --launcher local, or submitit-local to try the jobs on this machine")
     prepare_dir(out, sweep_record(args.experiment, grid, args.overrides))
     if args.launcher == "local" and "OMP_NUM_THREADS" not in os.environ:
         # N runs side by side share the cores instead of each spinning on all of them.
