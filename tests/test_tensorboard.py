@@ -148,7 +148,7 @@ def test_crash_after_checkpoint_then_resume_leaves_one_stream(tmp_path):
 
 def test_sigkill_then_resume_leaves_one_stream(tmp_path):
     out = tmp_path / "run"
-    args = ["--set", "target_ln_n_over_L=1000", "--set", "tensorboard=true", "--set", "checkpoint_every_steps=23",
+    args = ["--set", "target_ln_n_over_L=400", "--set", "tensorboard=true", "--set", "checkpoint_every_steps=23",
             "--set", "threads=1", "--quiet", "--no-plot"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "diralign", "run", "deep-linear", "--out", str(out), *args],

@@ -198,11 +198,13 @@ def _action(run_dir: Path) -> str:
     return "run"  # never started, or killed before its first checkpoint (then --force)
 
 
-def run_point(experiment: str, sweep_dir: str, point: Point, plot: bool, register=None) -> Outcome:
+def run_point(experiment: str, sweep_dir: str, point: Point, plot: bool, register=None, keep_waiting=None) -> Outcome:
     """Run, resume or skip one point; the unit of work of every launcher.
 
     ``register(proc)`` (local pool) is told each child process so that the sweep can
-    forward a signal to it; submitit jobs run this same function on the cluster.
+    forward a signal to it; submitit jobs run this same function on the cluster.  A point
+    locked by another process (a run left going by a sweep that was SIGKILLed) is waited
+    for while ``keep_waiting(name)`` says so, else reported ``busy``.
     """
     started = time.perf_counter()
     sweep_dir = Path(sweep_dir)
@@ -211,12 +213,16 @@ def run_point(experiment: str, sweep_dir: str, point: Point, plot: bool, registe
     logs.mkdir(exist_ok=True)
     lock = open(logs / f"{point.name}.lock", "w")
     try:
-        try:
-            # The lock travels into the child (pass_fds) and dies with the last holder, so
-            # a point still being run by an orphan of a killed sweep is never run twice.
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return Outcome(point.name, "busy", message="another process is running this point")
+        # The lock travels into the child (pass_fds) and dies with the last holder, so a
+        # point still being run by an orphan of a killed sweep is never run twice.
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if keep_waiting is None or not keep_waiting(point.name):
+                    return Outcome(point.name, "busy", message="another process is running this point")
+                time.sleep(0.5)
         action = _action(run_dir)
         if action == "skip":
             return Outcome(point.name, "skipped", action)
@@ -286,10 +292,18 @@ def launch_local(experiment, out: Path, points, jobs: int, plot: bool, report):
     children = _Children()
     previous = {sig: signal.signal(sig, children.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
+    waiting = set()
+
+    def keep_waiting(name) -> bool:
+        if name not in waiting:
+            waiting.add(name)
+            print(f"{name}: another process is running it (left by a killed sweep?); waiting for it", flush=True)
+        return children.stopped is None
+
     def task(point):
         if children.stopped is not None:
             return Outcome(point.name, "pending", message="not started: the sweep was interrupted")
-        return run_point(experiment, str(out), point, plot, children.register)
+        return run_point(experiment, str(out), point, plot, children.register, keep_waiting)
 
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -328,7 +342,8 @@ def launch_submitit(experiment, out: Path, points, jobs: int, plot: bool, report
     print(f"submitted {len(jobs_)} jobs ({jobs_[0].job_id.split('_')[0]}...); waiting (Ctrl-C stops waiting, the jobs go on)", flush=True)
     by_job = {job.job_id: point for job, point in zip(jobs_, points)}
     try:
-        for job in submitit.helpers.as_completed(jobs_):
+        # local jobs: notice each end at once; SLURM: do not hammer sacct
+        for job in submitit.helpers.as_completed(jobs_, poll_frequency=0.5 if local else 30):
             try:
                 report(job.result())
             except Exception as exc:  # the job died (killed, out of time, node failure)
