@@ -256,6 +256,8 @@ def run_point(experiment: str, sweep_dir: str, point: Point, plot: bool, registe
         seconds = time.perf_counter() - started
         if proc.returncode == 0:
             return Outcome(point.name, "finished", action, 0, seconds=seconds)
+        if (run_dir / "summary.json").is_file():  # stopped while drawing its figures
+            return Outcome(point.name, "finished", action, proc.returncode, f"figures not drawn: diralign plot {run_dir}", seconds)
         last = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "")
         status = "interrupted" if proc.returncode in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL) else "failed"
         return Outcome(point.name, status, action, proc.returncode, last or f"exit status {proc.returncode}", seconds)
