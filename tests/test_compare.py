@@ -19,7 +19,10 @@ def fake_run(path, config, experiment="fig1"):
 
 def test_labels_name_the_differing_keys(tmp_path):
     base = {"seed": 0, "width": 200, "rtol": 1e-6, "widths": [8, 8]}
-    runs = [fake_run(tmp_path / f"r{i}", dict(base, seed=s, width=w)) for i, (w, s) in enumerate([(200, 0), (200, 1), (400, 0)])]
+    runs = [
+        fake_run(tmp_path / f"r{i}", dict(base, seed=s, width=w))
+        for i, (w, s) in enumerate([(200, 0), (200, 1), (400, 0)])
+    ]
     assert compare.labels(runs) == ["seed=0, width=200", "seed=1, width=200", "seed=0, width=400"]
     assert compare.labels(runs, ["width", "seed"]) == ["width=200, seed=0", "width=200, seed=1", "width=400, seed=0"]
     same = [fake_run(tmp_path / "a", base), fake_run(tmp_path / "b", base)]
@@ -74,5 +77,10 @@ def test_bad_input_is_one_line_and_writes_nothing(small_sweep, tmp_path, capsys)
     assert cli.main(["compare", str(tmp_path / "notarun"), "--out", str(tmp_path / "C")]) == 2
     assert cli.main(["compare", "--out", str(tmp_path / "C")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "does not exist" in err[0] and "neither a run directory" in err[1] and "RUN_OR_SWEEP" in err[2]
+    assert (
+        len(err) == 3
+        and "does not exist" in err[0]
+        and "neither a run directory" in err[1]
+        and "RUN_OR_SWEEP" in err[2]
+    )
     assert not (tmp_path / "C").exists()

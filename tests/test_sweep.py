@@ -3,7 +3,6 @@ local pool that runs, resumes, skips and reports failures, signal forwarding, th
 lock, and the same points through submitit's local executor."""
 
 import fcntl
-import json
 import signal
 import subprocess
 import sys
@@ -64,6 +63,7 @@ def test_bad_grids(specs, fragment):
         (["--grid", "seed=0,1", "--jobs", "0"], ["--jobs must be a positive integer"]),
         (["--grid", "seed=0,1", "--jobs", "two"], ["--jobs"]),
         (["--grid", "seed=0,1", "--set", "seed=3"], ["both in --grid and --set"]),
+        (["--grid", "dtype=float64,float16"], ["--grid dtype", "dtype must be one of"]),  # validated up front
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, fragments):
@@ -104,24 +104,25 @@ def test_local_pool_resumes_skips_and_reports_failures(tmp_path, capsys, monkeyp
     # Two points, three child processes in all: each child imports torch, the slow part.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "S"
-    grid = [("dtype", ["float64", "float16"])]
-    argv = ["sweep", "deep-linear", "--grid", "dtype=float64,float16", "--jobs", "2", "--out", str(out), *TINY]
+    grid = [("data", ["separable", "missing.npz"])]
+    argv = ["sweep", "deep-linear", "--grid", "data=separable,missing.npz", "--jobs", "2", "--out", str(out), *TINY]
     # An interrupted point, as a sweep killed mid-way leaves it: a checkpoint, no summary.
     sweep.prepare_dir(out, sweep.sweep_record("deep-linear", grid, ["target_ln_n_over_L=5"]))
-    interrupted = out / "dtype=float64"
+    interrupted = out / "data=separable"
+    overrides = ["target_ln_n_over_L=5", "data=separable", "checkpoint_every_steps=5"]
     with pytest.raises(RuntimeError):
-        runner.start_run(_CrashingDeepLinear(), ["target_ln_n_over_L=5", "dtype=float64", "checkpoint_every_steps=5"], interrupted, quiet=True)
+        runner.start_run(_CrashingDeepLinear(), overrides, interrupted, quiet=True)
     assert (interrupted / "checkpoint.pt").exists() and not (interrupted / "summary.json").exists()
 
-    assert cli.main(argv) == 1  # the float16 point fails (bad value); the other finishes
+    assert cli.main(argv) == 1  # the missing data file fails its point; the other finishes
     printed = capsys.readouterr().out
-    assert "dtype=float64: finished (resumed)" in printed
-    assert "dtype=float16: failed" in printed and "dtype must be one of" in printed
+    assert "data=separable: finished (resumed)" in printed
+    assert "data=missing.npz: failed" in printed and "does not exist" in printed
     table = pd.read_csv(out / "sweep.csv")
-    assert list(table["point"]) == ["dtype=float64", "dtype=float16"]
+    assert list(table["point"]) == ["data=separable", "data=missing.npz"]
     assert list(table["status"]) == ["finished", "failed"]
-    assert list(table["dtype"]) == ["float64", "float16"] and table["ln_n_over_L"].iloc[0] >= 5
-    assert table["error"].iloc[1].startswith("diralign: error: dtype must be one of")
+    assert list(table["data"]) == ["separable", "missing.npz"] and table["ln_n_over_L"].iloc[0] >= 5
+    assert table["error"].iloc[1].startswith("diralign: error: data file missing.npz does not exist")
     resumed = pd.read_csv(interrupted / "log.csv")
     assert resumed["step"].is_unique and resumed["step"].is_monotonic_increasing
     mtime = (interrupted / "summary.json").stat().st_mtime_ns
@@ -129,9 +130,9 @@ def test_local_pool_resumes_skips_and_reports_failures(tmp_path, capsys, monkeyp
     # The same command again: the finished point is skipped, not redone; the failed one is retried.
     assert cli.main(argv) == 1
     printed = capsys.readouterr().out
-    assert "dtype=float64: skipped" in printed and "dtype=float16: failed" in printed
+    assert "data=separable: skipped" in printed and "data=missing.npz: failed" in printed
     assert (interrupted / "summary.json").stat().st_mtime_ns == mtime
-    assert (out / "logs" / "dtype=float16.log").read_text().count("== ") == 2
+    assert (out / "logs" / "data=missing.npz.log").read_text().count("== ") == 2
 
 
 def test_point_killed_before_its_first_checkpoint_is_started_again(tmp_path):
@@ -166,7 +167,11 @@ def test_the_local_pool_waits_for_a_locked_point(tmp_path):
     held = open(out / "logs" / f"{point.name}.lock", "w")
     fcntl.flock(held.fileno(), fcntl.LOCK_EX)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(o=sweep.run_point("deep-linear", str(out), point, False, keep_waiting=lambda name: True)))
+    worker = threading.Thread(
+        target=lambda: result.update(
+            o=sweep.run_point("deep-linear", str(out), point, False, keep_waiting=lambda name: True)
+        )
+    )
     worker.start()
     time.sleep(0.7)
     assert worker.is_alive()  # waiting, not running the point a second time
@@ -193,7 +198,10 @@ def test_submitit_local_executor_runs_the_points(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "S"
     started = time.time()
-    assert cli.main(["sweep", "deep-linear", "--grid", "seed=3", "--launcher", "submitit-local", "--out", str(out), *TINY]) == 0
+    assert (
+        cli.main(["sweep", "deep-linear", "--grid", "seed=3", "--launcher", "submitit-local", "--out", str(out), *TINY])
+        == 0
+    )
     assert "seed=3: finished" in capsys.readouterr().out
     assert (out / "seed=3" / "summary.json").is_file() and any((out / "submitit").iterdir())
     assert pd.read_csv(out / "sweep.csv")["status"].tolist() == ["finished"]

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from diralign.rundir import read_array_log
 
 from diralign import cli, runner
 from diralign.experiments.deep_linear import DeepLinearExperiment
-from diralign.store import read_array_log
 from diralign.tensorboard import EVENT_GLOB, HISTOGRAM_TAG, HPARAMS_RUN, read_scalars, tag_of
 from diralign.trainer import Callback
 
@@ -90,7 +90,9 @@ def test_export_equals_live_stream(finished_run, tmp_path):
     assert cli.main(["export", str(finished_run), "--tensorboard", str(out)]) == 0
     assert read_scalars(out) == read_scalars(finished_run / "tensorboard")
     live, exported = accumulator(finished_run / "tensorboard"), accumulator(out)
-    assert [e.wall_time for e in exported.Scalars("ln_n_over_L")] == pytest.approx([e.wall_time for e in live.Scalars("ln_n_over_L")])
+    assert [e.wall_time for e in exported.Scalars("ln_n_over_L")] == pytest.approx(
+        [e.wall_time for e in live.Scalars("ln_n_over_L")]
+    )
     assert len(exported.Histograms(HISTOGRAM_TAG)) == len(live.Histograms(HISTOGRAM_TAG))
     assert read_scalars(out / HPARAMS_RUN) == read_scalars(finished_run / "tensorboard" / HPARAMS_RUN)
 
@@ -148,11 +150,25 @@ def test_crash_after_checkpoint_then_resume_leaves_one_stream(tmp_path):
 
 def test_sigkill_then_resume_leaves_one_stream(tmp_path):
     out = tmp_path / "run"
-    args = ["--set", "target_ln_n_over_L=400", "--set", "tensorboard=true", "--set", "checkpoint_every_steps=23",
-            "--set", "threads=1", "--quiet", "--no-plot"]
+    args = [
+        "--set",
+        "target_ln_n_over_L=400",
+        "--set",
+        "tensorboard=true",
+        "--set",
+        "checkpoint_every_steps=23",
+        "--set",
+        "threads=1",
+        "--quiet",
+        "--no-plot",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "diralign", "run", "deep-linear", "--out", str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diralign", "run", "deep-linear", "--out", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

@@ -7,7 +7,7 @@ in grid order).  Each run is labelled by the config keys in which the runs diffe
 (``width=200, seed=0``; a sweep's grid keys first, in grid order).  Figures, PNG and
 PDF: ``compare`` (all panels) and ``compare_NAME`` for each of ``alignment_cos``,
 ``one_minus_cos`` (log axis), ``min_normalized_margin``, ``path_length`` and
-``angle_to_final``.  The curves are drawn by :mod:`diralign.plots`, as in ``diralign plot``.
+``angle_to_final``.  The curves are drawn by :mod:`diralign.figures.common`, as in ``diralign plot``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .rundir import schema
 
 QUANTITIES = ("alignment_cos", "one_minus_cos", "min_normalized_margin", "path_length", "angle_to_final")
 STEMS = ("compare",) + tuple(f"compare_{name}" for name in QUANTITIES)
@@ -23,7 +24,7 @@ STEMS = ("compare",) + tuple(f"compare_{name}" for name in QUANTITIES)
 
 def collect(paths) -> tuple[list[Path], list[str]]:
     """``(run directories, grid keys)`` from run and sweep directories, duplicates dropped."""
-    from .sweep import read_record, sweep_runs
+    from .sweep import SWEEP_FILE, read_record, sweep_runs
 
     runs, grid_keys = [], []
     for raw in paths:
@@ -37,22 +38,22 @@ def collect(paths) -> tuple[list[Path], list[str]]:
             for key, _ in read_record(path)["grid"]:
                 if key not in grid_keys:
                     grid_keys.append(key)
-        elif (path / "config.json").is_file():
+        elif (path / schema.CONFIG).is_file():
             members = [path]
         else:
-            raise UserError(f"{path} is neither a run directory (config.json) nor a sweep directory (sweep.json)")
+            raise UserError(f"{path} is neither a run directory ({schema.CONFIG}) nor a sweep directory ({SWEEP_FILE})")
         for member in members:
-            if not (member / "log.csv").is_file():
-                raise UserError(f"{member} has no log.csv yet; let the run log a point first")
+            if not (member / schema.LOG).is_file():
+                raise UserError(f"{member} has no {schema.LOG} yet; let the run log a point first")
             if member.resolve() not in [r.resolve() for r in runs]:
                 runs.append(member)
     return runs, grid_keys
 
 
 def _flat_config(run_dir: Path) -> dict:
-    from .api import load_run
+    from .rundir import Run
 
-    run = load_run(run_dir)
+    run = Run(run_dir)
     flat = {"experiment": run.experiment}
 
     def walk(d):  # sectioned configs (runtime, dynamics, ...) flatten to their leaf keys
@@ -88,26 +89,30 @@ def labels(runs: list[Path], first_keys=()) -> list[str]:
 
 def compare(paths, out, force: bool = False) -> list[Path]:
     """Write the overlay figures of ``paths`` into ``out``; returns the files written."""
-    from . import plots
+    from .figures import common
+    from .rundir import Run
 
     runs, grid_keys = collect(paths)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another path")
     if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty; pass --force to overwrite the comparison figures in it, or choose another directory")
+        raise UserError(
+            f"--out {out} is not empty; pass --force to overwrite the comparison figures in it, "
+            "or choose another directory"
+        )
     names = labels(runs, grid_keys)
-    logs = [plots.read_log(run) for run in runs]
-    plt = plots._pyplot()
+    readers = [Run(run) for run in runs]
+    plt = common._pyplot()
     colors = plt.get_cmap("tab10" if len(runs) <= 10 else "viridis")
     color = [colors(i if len(runs) <= 10 else i / max(len(runs) - 1, 1)) for i in range(len(runs))]
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def overlay(ax, name):
-        for run, log, label, c in zip(runs, logs, names, color):
-            plots.draw_curve(ax, run, name, log, label=label, color=c)
-        plots.style_axis(ax, name)
+        for run, label, c in zip(readers, names, color):
+            common.draw_curve(ax, run, name, label=label, color=c)
+        common.style_axis(ax, name)
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for ax, name in zip(axes.flat, QUANTITIES):
@@ -117,7 +122,7 @@ def compare(paths, out, force: bool = False) -> list[Path]:
     if handles:
         axes.flat[5].legend(handles, texts, loc="center", fontsize=8, frameon=False)
     fig.tight_layout()
-    written += plots.save(fig, out, "compare")
+    written += common.save(fig, out, "compare")
     plt.close(fig)
     for name in QUANTITIES:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -125,7 +130,7 @@ def compare(paths, out, force: bool = False) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        written += plots.save(fig, out, f"compare_{name}")
+        written += common.save(fig, out, f"compare_{name}")
         plt.close(fig)
     return written
 

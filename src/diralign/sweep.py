@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .rundir import schema
 
 SWEEP_FILE = "sweep.json"
 TABLE_FILE = "sweep.csv"
@@ -114,7 +115,9 @@ def expand(experiment: str, grid, overrides: list[str]) -> list[Point]:
         values = dict(combo)
         name = point_name(values)
         if name in names:
-            raise UserError(f"two grid points share the directory name {name!r}; make the values differ in letters or digits")
+            raise UserError(
+                f"two grid points share the directory name {name!r}; make the values differ in letters or digits"
+            )
         names.add(name)
         points.append(Point(name, values, list(overrides) + [f"{k}={v}" for k, v in values.items()]))
     return points
@@ -140,7 +143,8 @@ def prepare_dir(out: Path, record: dict) -> None:
         mine = {k: old.get(k) for k in record}
         if mine != record:
             raise UserError(
-                f"--out {out} holds another sweep ({_describe(old)}); re-run that command to continue it, or choose another --out"
+                f"--out {out} holds another sweep ({_describe(old)}); "
+                "re-run that command to continue it, or choose another --out"
             )
         return
     if out.exists() and any(out.iterdir()):
@@ -174,7 +178,7 @@ def sweep_runs(path) -> Optional[list[Path]]:
         return None
     grid = [(k, v) for k, v in record["grid"]]
     names = [point_name(dict(combo)) for combo in itertools.product(*[[(k, v) for v in values] for k, values in grid])]
-    return [Path(path) / name for name in names if (Path(path) / name / "config.json").is_file()]
+    return [Path(path) / name for name in names if (Path(path) / name / schema.CONFIG).is_file()]
 
 
 # -- one point --------------------------------------------------------------------------
@@ -191,9 +195,9 @@ class Outcome:
 
 
 def _action(run_dir: Path) -> str:
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / schema.SUMMARY).is_file():
         return "skip"
-    if (run_dir / "config.json").is_file() and (run_dir / "checkpoint.pt").is_file():
+    if (run_dir / schema.CONFIG).is_file() and (run_dir / schema.CHECKPOINT).is_file():
         return "resume"
     return "run"  # never started, or killed before its first checkpoint (then --force)
 
@@ -231,8 +235,13 @@ def run_point(experiment: str, sweep_dir: str, point: Point, plot: bool, registe
         else:
             argv = ["run", experiment, "--out", str(run_dir), "--quiet"]
             if run_dir.exists() and any(run_dir.iterdir()):
-                if not (run_dir / "config.json").is_file():
-                    return Outcome(point.name, "failed", action, message=f"{run_dir} exists and is not a run directory; move it away")
+                if not (run_dir / schema.CONFIG).is_file():
+                    return Outcome(
+                        point.name,
+                        "failed",
+                        action,
+                        message=f"{run_dir} exists and is not a run directory; move it away",
+                    )
                 argv.append("--force")  # our own run, killed before its first checkpoint
             for pair in point.overrides:
                 argv += ["--set", pair]
@@ -256,13 +265,21 @@ def run_point(experiment: str, sweep_dir: str, point: Point, plot: bool, registe
         seconds = time.perf_counter() - started
         if proc.returncode == 0:
             return Outcome(point.name, "finished", action, 0, seconds=seconds)
-        if (run_dir / "summary.json").is_file():  # stopped while drawing its figures
-            return Outcome(point.name, "finished", action, proc.returncode, f"figures not drawn: diralign plot {run_dir}", seconds)
-        last = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "")
-        status = "interrupted" if proc.returncode in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL) else "failed"
+        if (run_dir / schema.SUMMARY).is_file():  # stopped while drawing its figures
+            return Outcome(
+                point.name, "finished", action, proc.returncode, f"figures not drawn: diralign plot {run_dir}", seconds
+            )
+        last = _last_line(err)
+        status = (
+            "interrupted" if proc.returncode in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL) else "failed"
+        )
         return Outcome(point.name, status, action, proc.returncode, last or f"exit status {proc.returncode}", seconds)
     finally:
         lock.close()
+
+
+def _last_line(text: str) -> str:
+    return next((line for line in reversed(text.strip().splitlines()) if line.strip()), "")
 
 
 # -- launchers ------------------------------------------------------------------------
@@ -322,7 +339,9 @@ def _submitit():
     try:
         import submitit
     except ImportError:
-        raise UserError("--launcher submitit needs the submitit package: pip install 'diralign[cluster]' (or pip install submitit)") from None
+        raise UserError(
+            "--launcher submitit needs the submitit package: pip install 'diralign[cluster]' (or pip install submitit)"
+        ) from None
     return submitit
 
 
@@ -338,10 +357,16 @@ def launch_submitit(experiment, out: Path, points, jobs: int, plot: bool, report
         params.update({k: v for k, v in slurm.items() if v is not None})
         executor.update_parameters(**params)
     try:
-        jobs_ = executor.map_array(run_point, [experiment] * len(points), [str(out)] * len(points), points, [plot] * len(points))
+        jobs_ = executor.map_array(
+            run_point, [experiment] * len(points), [str(out)] * len(points), points, [plot] * len(points)
+        )
     except Exception as exc:  # no sbatch, a bad partition ...: say so in one line
-        raise UserError(f"submitit could not submit the sweep: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    print(f"submitted {len(jobs_)} jobs ({jobs_[0].job_id.split('_')[0]}...); waiting (Ctrl-C stops waiting, the jobs go on)", flush=True)
+        raise UserError(f"submitit could not submit the sweep: {type(exc).__name__}: {_last_line(str(exc))}") from None
+    print(
+        f"submitted {len(jobs_)} jobs ({jobs_[0].job_id.split('_')[0]}...); "
+        "waiting (Ctrl-C stops waiting, the jobs go on)",
+        flush=True,
+    )
     by_job = {job.job_id: point for job, point in zip(jobs_, points)}
     try:
         # local jobs: notice each end at once; SLURM: do not hammer sacct
@@ -349,7 +374,7 @@ def launch_submitit(experiment, out: Path, points, jobs: int, plot: bool, report
             try:
                 report(job.result())
             except Exception as exc:  # the job died (killed, out of time, node failure)
-                line = next((l for l in reversed(str(exc).strip().splitlines()) if l.strip()), type(exc).__name__)
+                line = _last_line(str(exc)) or type(exc).__name__
                 report(Outcome(by_job[job.job_id].name, "failed", message=f"job {job.job_id}: {line}"))
     except KeyboardInterrupt:
         return signal.SIGINT
@@ -363,16 +388,15 @@ def write_table(out: Path, grid, points, outcomes: dict) -> Path:
     """``sweep.csv`` from the run directories as they are now (plus this run's errors)."""
     import pandas as pd
 
-    from .api import load_run
-    from .runner import SUMMARY_KEYS
+    from .rundir import Run
 
     rows, extra_keys = [], []
     for point in points:
         run_dir = out / point.name
         summary = {}
-        if (run_dir / "config.json").is_file():
+        if (run_dir / schema.CONFIG).is_file():
             try:
-                summary = load_run(run_dir).summary
+                summary = Run(run_dir).summary
             except UserError:  # a damaged point is reported by its status, not by a crash
                 summary = {}
         outcome = outcomes.get(point.name)
@@ -380,18 +404,22 @@ def write_table(out: Path, grid, points, outcomes: dict) -> Path:
             status = "finished"
         elif outcome is not None and outcome.status not in ("finished", "skipped"):
             status = outcome.status
-        elif (run_dir / "checkpoint.pt").is_file():
+        elif (run_dir / schema.CHECKPOINT).is_file():
             status = "interrupted"
         else:
             status = "pending"
-        row = {"point": point.name, "status": status, "error": outcome.message if outcome and status == "failed" else ""}
+        row = {
+            "point": point.name,
+            "status": status,
+            "error": outcome.message if outcome and status == "failed" else "",
+        }
         row.update({key: point.values[key] for key, _ in grid})
         for key, value in summary.items():
-            if key not in SUMMARY_KEYS and key not in extra_keys:
+            if key not in schema.SUMMARY_KEYS and key not in extra_keys:
                 extra_keys.append(key)
             row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
         rows.append(row)
-    columns = ["point", "status", "error"] + [k for k, _ in grid] + list(SUMMARY_KEYS) + extra_keys
+    columns = ["point", "status", "error"] + [k for k, _ in grid] + list(schema.SUMMARY_KEYS) + extra_keys
     table = pd.DataFrame(rows).reindex(columns=columns)
     tmp = out / f".{TABLE_FILE}.tmp"
     table.to_csv(tmp, index=False)
@@ -406,14 +434,33 @@ def add_arguments(parser) -> None:
     from .experiments import EXPERIMENTS
 
     parser.add_argument("experiment", help="one of: " + ", ".join(sorted(EXPERIMENTS)))
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable; the product is run)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a config value shared by every point")
+    parser.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable; the product is run)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value shared by every point",
+    )
     parser.add_argument("--out", required=True, help="sweep directory (re-run the same command to continue it)")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
-    parser.add_argument("--launcher", default="local", choices=LAUNCHERS, help="local: a process pool here; submitit: SLURM; submitit-local: submitit on this machine")
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        choices=LAUNCHERS,
+        help="local: a process pool here; submitit: SLURM; submitit-local: submitit on this machine",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw each point's figures")
     parser.add_argument("--slurm-partition", help="submitit: SLURM partition")
-    parser.add_argument("--slurm-time", type=int, metavar="MINUTES", help="submitit: time limit per point (a point past it resumes on the next sweep run)")
+    parser.add_argument(
+        "--slurm-time",
+        type=int,
+        metavar="MINUTES",
+        help="submitit: time limit per point (a point past it resumes on the next sweep run)",
+    )
     parser.add_argument("--slurm-cpus", type=int, metavar="N", help="submitit: CPUs per point")
     parser.add_argument("--slurm-gpus", type=int, metavar="N", help="submitit: GPUs per point")
     parser.add_argument("--slurm-mem-gb", type=int, metavar="GB", help="submitit: memory per point")
@@ -430,7 +477,10 @@ def main(args) -> int:
         submitit = _submitit()  # a missing package or cluster is reported before anything is written
         # AutoExecutor would quietly fall back to local jobs without SLURM: say so instead
         if args.launcher == "submitit" and submitit.AutoExecutor.which() != "slurm":
-            raise UserError("--launcher submitit found no SLURM here (no sbatch); use --launcher local, or submitit-local to try the jobs on this machine")
+            raise UserError(
+                "--launcher submitit found no SLURM here (no sbatch); use --launcher local, "
+                "or submitit-local to try the jobs on this machine"
+            )
     prepare_dir(out, sweep_record(args.experiment, grid, args.overrides))
     if args.launcher == "local" and "OMP_NUM_THREADS" not in os.environ:
         # N runs side by side share the cores instead of each spinning on all of them.
@@ -454,7 +504,10 @@ def main(args) -> int:
             print(line, flush=True)
             write_table(out, grid, points, outcomes)  # a killed sweep still leaves a current table
 
-    print(f"sweep: {len(points)} points of {args.experiment} in {out} ({args.launcher}, {args.jobs} at a time)", flush=True)
+    print(
+        f"sweep: {len(points)} points of {args.experiment} in {out} ({args.launcher}, {args.jobs} at a time)",
+        flush=True,
+    )
     if args.launcher == "local":
         stopped = launch_local(args.experiment, out, points, args.jobs, not args.no_plot, report)
     else:
@@ -465,13 +518,19 @@ def main(args) -> int:
             "gpus_per_node": args.slurm_gpus,
             "mem_gb": args.slurm_mem_gb,
         }
-        stopped = launch_submitit(args.experiment, out, points, args.jobs, not args.no_plot, report, args.launcher == "submitit-local", slurm)
+        stopped = launch_submitit(
+            args.experiment, out, points, args.jobs, not args.no_plot, report, args.launcher == "submitit-local", slurm
+        )
     table = write_table(out, grid, points, outcomes)
     import pandas as pd
 
     counts = pd.read_csv(table)["status"].value_counts().to_dict()
     print("sweep: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f"; table: {table}", flush=True)
     if stopped is not None:
-        print(f"sweep: interrupted; re-run the same command to continue (finished points are kept)", file=sys.stderr, flush=True)
+        print(
+            "sweep: interrupted; re-run the same command to continue (finished points are kept)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     return 0 if counts.get("finished", 0) == len(points) else 1

@@ -33,9 +33,10 @@ from typing import Optional
 import numpy as np
 
 from .errors import UserError
+from .rundir import Run, schema
 from .trainer import Callback
 
-EVENTS_DIR = "tensorboard"  # inside a run directory
+EVENTS_DIR = schema.TENSORBOARD  # inside a run directory
 HPARAMS_RUN = "hparams"  # sub-run holding the hparams session and summary metrics
 HISTOGRAM_TAG = "margins/normalized"
 EVENT_GLOB = "events.out.tfevents.*"
@@ -48,7 +49,8 @@ def summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError(
-            "TensorBoard output needs the tensorboard package: pip install 'diralign[tensorboard]' (or pip install tensorboard)"
+            "TensorBoard output needs the tensorboard package: "
+            "pip install 'diralign[tensorboard]' (or pip install tensorboard)"
         ) from None
     return SummaryWriter
 
@@ -62,7 +64,7 @@ def _created_epoch(meta: dict) -> float:
     import datetime
 
     try:
-        return datetime.datetime.strptime(meta.get("created", ""), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        return datetime.datetime.strptime(str(meta.get(schema.META_CREATED, "")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
     except ValueError:
         return 0.0
 
@@ -84,33 +86,46 @@ class _Stream:
         self.writer = summary_writer_class()(log_dir=str(self.directory), flush_secs=10)
 
     def add_row(self, row: dict, columns, margins: Optional[np.ndarray]) -> None:
-        step = int(row["step"])
-        walltime = self.epoch + _number(row.get("wall_seconds", 0.0))
+        step = int(row[schema.STEP])
+        walltime = self.epoch + _number(row.get(schema.WALL_SECONDS, 0.0))
         for column in columns:
             self.writer.add_scalar(tag_of(column), _number(row.get(column)), step, walltime=walltime)
         if margins is not None and margins.size and np.isfinite(margins).all():
             self.writer.add_histogram(HISTOGRAM_TAG, np.asarray(margins, dtype=np.float32), step, walltime=walltime)
-
-    def add_hparams(self, summary: dict) -> None:
-        hparams_dir = self.directory / HPARAMS_RUN
-        if hparams_dir.exists():  # a finished run's hparams are rewritten, never doubled
-            shutil.rmtree(hparams_dir)
-        hparams = {"experiment": str(self.meta.get("experiment"))}
-        for key, value in _flatten(self.meta.get("config", {})).items():
-            hparams[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-        metrics = {
-            f"summary/{key}": float(value)
-            for key, value in summary.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        }
-        step = summary.get("steps") if isinstance(summary.get("steps"), int) else None
-        self.writer.add_hparams(hparams, metrics, run_name=HPARAMS_RUN, global_step=step)
 
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def write_hparams(directory: Path, meta: dict, summary: dict) -> None:
+    """The ``hparams`` sub-run: config values as hparams, numeric summary keys as metrics
+    (torch's ``add_hparams`` layout, written by a writer of its own)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    hparams_dir = Path(directory) / HPARAMS_RUN
+    if hparams_dir.exists():  # a finished run's hparams are rewritten, never doubled
+        shutil.rmtree(hparams_dir)
+    values = {"experiment": str(meta.get(schema.META_EXPERIMENT))}
+    for key, value in _flatten(meta.get(schema.META_CONFIG, {})).items():
+        values[key] = value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
+    metrics = {
+        f"summary/{key}": float(value)
+        for key, value in summary.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    step = summary.get("steps") if isinstance(summary.get("steps"), int) else None
+    experiment, start, end = hparams_summaries(values, metrics)
+    writer = summary_writer_class()(log_dir=str(hparams_dir))
+    try:
+        for record in (experiment, start, end):
+            writer.file_writer.add_summary(record, step)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+    finally:
+        writer.close()
 
 
 def _flatten(config: dict) -> dict:
@@ -129,10 +144,8 @@ def _durable_rows(run_dir: Path):
     mid-write leaves a partial last line), margin rows aligned to them."""
     import pandas as pd
 
-    from .api import load_run
-
-    run = load_run(run_dir)
-    path = run.path / "log.csv"
+    run = Run(run_dir)
+    path = run.path / schema.LOG
     if not path.is_file() or path.stat().st_size == 0:
         return run, pd.DataFrame(), np.zeros((0, 0), dtype=np.float32)
     log = run.log
@@ -162,26 +175,31 @@ def clear_events(directory: Path) -> None:
 def export(run_dir, out, force: bool = False) -> Path:
     """Write the event stream of a finished or interrupted run into ``out``; returns ``out``.
 
-        diralign export runs/dl --tensorboard tb/dl
+    diralign export runs/dl --tensorboard tb/dl
     """
     summary_writer_class()  # a missing package is reported before anything is written
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not a diralign run directory (no config.json); give the --out folder of a run")
+    if not (run_dir / schema.CONFIG).is_file():
+        raise UserError(
+            f"{run_dir} is not a diralign run directory (no {schema.CONFIG}); give the --out folder of a run"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"--tensorboard {out} exists and is not a directory; choose another path")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise UserError(f"--tensorboard {out} is not empty; pass --force to replace its event files, or choose another directory")
+            raise UserError(
+                f"--tensorboard {out} is not empty; pass --force to replace its event files, "
+                "or choose another directory"
+            )
         clear_events(out)
     run, log, margins = _durable_rows(run_dir)
     stream = _Stream(out, run.meta)
     try:
         write_rows(stream, log, margins)
-        if run.summary:
-            stream.add_hparams(run.summary)
     finally:
         stream.close()
+    if run.summary:
+        write_hparams(out, run.meta, run.summary)
     return out
 
 
@@ -196,7 +214,9 @@ def export_many(path, out, force: bool = False) -> list[Path]:
     if not runs:
         raise UserError(f"{path} is a sweep with no run directories yet; run the sweep first")
     if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"--tensorboard {out} is not empty; pass --force to replace its event files, or choose another directory")
+        raise UserError(
+            f"--tensorboard {out} is not empty; pass --force to replace its event files, or choose another directory"
+        )
     return [export(run, out / run.name, force) for run in runs]
 
 
@@ -214,12 +234,12 @@ class LiveWriter(Callback):
         self.degree = degree
 
     @classmethod
-    def open(cls, run_dir, degree, resumed: bool) -> "LiveWriter":
+    def open(cls, run_dir, degree, resumed: bool) -> LiveWriter:
         run_dir = Path(run_dir)
         directory = run_dir / EVENTS_DIR
         directory.mkdir(exist_ok=True)
         clear_events(directory)  # events past the checkpoint may be in there: rebuild
-        meta = json.loads((run_dir / "config.json").read_text())
+        meta = Run(run_dir).meta
         stream = _Stream(directory, meta)
         if resumed:
             _, log, margins = _durable_rows(run_dir)
@@ -227,17 +247,17 @@ class LiveWriter(Callback):
             stream.flush()
         return cls(stream, degree)
 
-    def on_log(self, ctx, state, row: dict) -> None:
+    def on_log(self, trainer, state, row: dict) -> None:
         from . import probes
 
-        margins = probes.normalized_margins(state.ev.margins, row["param_norm"], self.degree)
+        margins = probes.normalized_margins(state.ev.margins, row[schema.PARAM_NORM], self.degree)
         # float32 as in margins.bin, so a live stream equals an exported one
-        self.stream.add_row(row, ctx.columns, margins.detach().cpu().numpy().astype(np.float32))
+        self.stream.add_row(row, trainer.columns, margins.detach().cpu().numpy().astype(np.float32))
         self.stream.flush()
 
     def finish(self, summary: dict) -> None:
-        self.stream.add_hparams(summary)
-        self.stream.flush()
+        """After the summary is written (the stream itself may be closed by then)."""
+        write_hparams(self.stream.directory, self.stream.meta, summary)
 
     def close(self) -> None:
         self.stream.close()
@@ -262,4 +282,3 @@ def read_scalars(directory) -> dict:
                     continue
                 out.setdefault(value.tag, []).append((event.step, number))
     return out
-
