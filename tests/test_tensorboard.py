@@ -143,6 +143,9 @@ def test_crash_after_checkpoint_then_resume_leaves_one_stream(tmp_path):
     # The hazard is real: events were written for rows the resume will log again.
     before = [s for s, _ in read_scalars(out / "tensorboard")["step"]]
     assert max(before) > 20
+    # An interrupted run exports too: what its log holds on disk.
+    assert cli.main(["export", str(out), "--tensorboard", str(tmp_path / "interrupted")]) == 0
+    assert_stream_is_log(tmp_path / "interrupted", out)
     runner.resume_run(out, quiet=True)
     assert_stream_is_log(out / "tensorboard", out)
     assert (out / "tensorboard" / HPARAMS_RUN).is_dir()
