@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from diralign.rundir import read_array_log
 
 from diralign import cli, runner
 from diralign.experiments.deep_linear import DeepLinearExperiment
+from diralign.rundir import read_array_log
 from diralign.tensorboard import EVENT_GLOB, HISTOGRAM_TAG, HPARAMS_RUN, read_scalars, tag_of
 from diralign.trainer import Callback
 
