@@ -197,7 +197,7 @@ def check_target_above_start(config, problem, ev) -> None:
     after 0 steps.  Refused before the run directory is touched."""
     target = GoalOptions.from_config(config).target_ln_n_over_L
     start = math.log(problem.n) - ev.log_risk
-    if not target > start:
+    if target is not None and not target > start:
         raise UserError(
             f"target_ln_n_over_L={target:g} is at or below where this run starts: ln(n/L) = {start:.6g} at the "
             f"initial weights (risk falls from there); set a target above it, e.g. --set target_ln_n_over_L={_above(start):g}"
