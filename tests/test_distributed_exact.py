@@ -22,7 +22,6 @@ import threading
 import pandas as pd
 import pytest
 import torch
-from simulated_ranks import on_ranks
 
 from diralign.config import apply_overrides
 from diralign.experiments import get_experiment
@@ -30,6 +29,7 @@ from diralign.problem import Problem
 from diralign.rundir import schema
 from diralign.runner import resume_run, start_run
 from diralign.trainer import Interrupted, Trainer
+from simulated_ranks import on_ranks
 
 N = 60
 
