@@ -8,29 +8,36 @@ Backends: gloo when ``device=cpu``, NCCL when ``device=cuda`` (rank r on ``cuda:
 torchrun supplies the rendezvous (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...); nothing here
 speaks a protocol of its own.
 
-**Sharding.** After the experiment's ``setup`` has built the full data (identically on
-every rank: checked by hash), rank ``r`` of ``W`` keeps the contiguous block of examples
-``[r*n//W, (r+1)*n//W)``; the others are dropped from its :class:`~diralign.problem.Problem`.
-Contiguous blocks make the gathered margins come back in the original example order.
+**Pieces and sharding.** A run evaluates its data in ``pieces`` contiguous blocks
+``[p*n//P, (p+1)*n//P)``, fixed when it starts (``pieces=0``: one per process of the
+launch that starts it; config.json records the number).  After the experiment's ``setup``
+has built the full data (identically on every rank: checked by hash), rank ``r`` of ``W``
+keeps the contiguous run of pieces ``[r*P//W, (r+1)*P//W)`` (one each when ``W = P``,
+several when a run resumes on fewer processes, none on a rank beyond ``P``) and drops the
+other examples from its :class:`~diralign.problem.Problem`.  Contiguous blocks make the
+gathered margins come back in the original example order.
 
-**Reduction (exact).** Each rank evaluates ``log L_r`` and ``grad log L_r`` on its shard.
-Because the risk is a sum over examples, ``L = sum_r L_r`` and ``grad L = sum_r grad L_r``;
-dividing by ``L`` gives ``log L = logsumexp_r log L_r`` and
-``grad log L = sum_r exp(log L_r - log L) grad log L_r``.  No approximation is made: the
-weights ``exp(log L_r - log L)`` lie in ``(0, 1]`` and sum to one, so nothing overflows
-and ``L`` itself (far below the smallest float64 late in training) is never formed.  This
-is the same combination :func:`~diralign.problem.combine_log_space` applies to chunks.
+**Reduction (exact).** Each rank evaluates ``log L_p`` and ``grad log L_p`` on each piece
+it holds.  Because the risk is a sum over examples, ``L = sum_p L_p`` and
+``grad L = sum_p grad L_p``; dividing by ``L`` gives ``log L = logsumexp_p log L_p`` and
+``grad log L = sum_p exp(log L_p - log L) grad log L_p``.  No approximation is made: the
+weights ``exp(log L_p - log L)`` lie in ``(0, 1]`` and sum to one, so nothing overflows
+and ``L`` itself (far below the smallest float64 late in training) is never formed.  The
+flow's exact Hessian-vector products combine the same way
+(:meth:`~diralign.problem.Problem.curvature`: one gather of the pieces' gradients per
+Jacobian, one of their ``H_p v`` per product).
 
-**Determinism.** The per-rank ``[log L_r, correct_r, grad log L_r]`` are *all-gathered*
-(not all-reduced) in float64 and combined on every rank in rank order by
+**Determinism.** The rows ``[log L_p, correct_p, grad log L_p]`` of all pieces are
+*all-gathered* (not all-reduced) in float64 and combined on every rank in piece order by
 ``combine_log_space``: every rank executes the same floating-point operations on the same
 bytes, so all ranks hold bit-identical ``log L``, gradients and therefore parameters and
-step-size decisions.  A ``W``-rank float64 run is bit-identical to a single-process run
-with ``chunk_size = n/W`` (``n`` divisible by ``W``).  What remains: against a run
-*without* chunks the summation order differs, so results agree to rounding (~1e-16 per
-evaluation); an error-controlled integrator can then, rarely, flip an accept/reject
-decision that sat on the edge, after which the paths differ by the integrator's tolerance.
-The price of all-gather over all-reduce is ``W`` gradient copies per rank per evaluation.
+step-size decisions; and since the pieces are the run's, not the launch's, a run gives the
+same bits on any number of processes: a ``W``-rank run equals a single-process run with
+``pieces = W``, and a resume on another number of processes continues it exactly.  Against
+a run in *one* piece the summation order differs, so results agree to rounding (measured,
+deep-linear to ``ln(n/L) = 1000``: gd, sgd, loss-based and dopri5 to 2e-12; CVODE, whose
+Newton and GMRES iterations amplify last bits, to 1.5e-7 at rtol 1e-6).  The price of
+all-gather over all-reduce is ``P`` gradient copies per rank per evaluation.
 
 **Margins.** Between log points each rank keeps only its shard's margins; the count of
 correctly classified examples is in the same gather (one collective per evaluation).  At
@@ -38,7 +45,11 @@ log points, checkpoints and the end, all ``n`` margins are gathered onto every r
 callbacks see the same row everywhere; rank 0 writes them).
 
 **Decisions.** Stopping, checkpoint timing and signals are taken from rank 0's clock and
-any rank's signal (:meth:`DataParallel.agree`, one tiny collective per step).  At every
+any rank's signal or stall verdict (:meth:`DataParallel.agree`, one tiny collective per
+step).  Inside a step every all-gather carries each rank's reason to abandon the step (a
+signal, its time budget, a stall), and if any rank has one all raise the same
+``StepAborted`` after the same gather: long steps stop within one evaluation, as in a
+single process.  At every
 checkpoint the parameter hash of each rank is compared; a mismatch is an error.
 
 **Failure.** Every collective has a timeout (``distributed_timeout_seconds``); if a rank
