@@ -126,8 +126,10 @@ def check_separable(problem) -> None:
             f"labels ({_label(y[i], problem.multiclass)} and {_label(y[j], problem.multiclass)}), so the risk cannot fall to 0 and ln(n/L) stays bounded; "
             "remove or relabel contradictory duplicates"
         )
-    if not is_linear_predictor(problem.model):
-        return
+    model = problem.model
+    flattens = isinstance(model, nn.Sequential) and isinstance(model[0], nn.Flatten)
+    if not is_linear_predictor(model) or (X.ndim != 2 and not flattens and not getattr(model, "linear_in_input", False)):
+        return  # (a bare nn.Linear on [n, C, H, W] maps the last axis only: not x -> M x)
     classes = 0
     if problem.multiclass:
         with torch.no_grad():
