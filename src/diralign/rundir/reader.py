@@ -21,6 +21,24 @@ from ..errors import UserError
 from . import schema
 from .arraylog import read_array_log
 from .checkpoint import load_checkpoint_file
+from .integrity import config_checksum
+
+
+def check_config_checksum(path: Path, meta: dict, experiment: str) -> None:
+    """config.json is what the run was created with: a hand edit (another seed builds other
+    data, and a resume would overwrite the run's results with a mixture) is refused."""
+    recorded = meta.get(schema.META_CHECKSUM)
+    if recorded is None:
+        return  # written before checksums: readable, and resume refuses it for lack of a run id
+    try:
+        expected = config_checksum(meta, schema.META_CHECKSUM)
+    except (TypeError, ValueError):
+        expected = None
+    if recorded != expected:
+        raise UserError(
+            f"{path} was changed after the run was created (its checksum does not match); restore the original, or "
+            f"start a new run with the settings you want: diralign run {experiment} --out NEW_DIR --set KEY=VALUE"
+        )
 
 
 def read_json(path: Path, required: bool = False) -> Optional[dict]:
@@ -51,8 +69,24 @@ class Run:
         experiment = self.meta.get(schema.META_EXPERIMENT)
         if not isinstance(config, dict) or not isinstance(experiment, str):
             raise UserError(f"{self.path / schema.CONFIG} lacks its 'experiment' or 'config' entry; the run directory is damaged")
+        check_config_checksum(self.path / schema.CONFIG, self.meta, experiment)
         self.config: dict = config
         self.experiment: str = experiment
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The id the run was created with (``None``: a run from before run ids)."""
+        value = self.meta.get(schema.META_RUN_ID)
+        return value if isinstance(value, str) else None
+
+    def identity(self) -> dict:
+        """Run id and the hashes of data and initial weights, as recorded at creation;
+        a run without them (an older diralign made it) cannot be resumed safely."""
+        values = {key: self.meta.get(key) for key in schema.META_IDENTITY}
+        if not isinstance(values[schema.META_RUN_ID], str) or not isinstance(values[schema.META_DATA_SHA256], str):
+            raise UserError(f"{self.path / schema.CONFIG} has no run id or data hash (an older diralign made it); "
+                            "finish it with that version, or start it again with diralign run")
+        return values
 
     # -- JSON files -------------------------------------------------------------------
     @cached_property
