@@ -23,7 +23,7 @@ EXPERIMENT_FIGURES = {
 
 def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Every figure of a run directory; returns the paths written."""
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    run = (run_dir if isinstance(run_dir, Run) else Run(run_dir)).check()
     out_dir = Path(out_dir or run.path)
     paths = plot_curves(run, out_dir) + plot_margins(run, out_dir)
     extra = EXPERIMENT_FIGURES.get(run.experiment)

@@ -4,8 +4,9 @@
 
 The lock is ``flock`` on ``DIR/.diralign.lock`` (:data:`~diralign.rundir.schema.LOCK`): the
 kernel releases it when the holder's last descriptor closes, so a killed run never leaves a
-stale lock behind, and there is nothing to clean up.  The holder writes its PID into the
-file, so a refused second writer can say who holds it.  Readers (``plot``, ``load_run``)
+stale lock behind, and there is nothing to clean up.  A refused second writer names the
+holder's PID, read from the kernel's lock table (``/proc/locks``), or from the file where
+that table is missing (the run's creator writes its PID there).  Readers (``plot``, ``load_run``)
 never take it: the writer's files are atomic or append-only, and the reader cuts array logs
 to the rows of ``log.csv``.
 
@@ -33,9 +34,31 @@ class RunBusy(UserError):
 
 
 def holder_pid(directory) -> Optional[int]:
-    """The PID written by the current (or last) holder of ``directory``'s lock, if readable."""
+    """The PID holding ``directory``'s lock: from the kernel's table of locks where there is
+    one (Linux ``/proc/locks``), else the PID the run's creator wrote into the file."""
+    path = Path(directory) / schema.LOCK
     try:
-        text = (Path(directory) / schema.LOCK).read_text().strip()
+        st = os.stat(path)
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks") as table:
+            for line in table:
+                # "1: FLOCK  ADVISORY  WRITE 5668 fe:00:2147127 0 EOF" (hex major:minor, inode)
+                parts = line.split()
+                for i, token in enumerate(parts):
+                    fields = token.split(":")
+                    if i > 0 and len(fields) == 3 and "FLOCK" in parts:
+                        try:
+                            dev = os.makedev(int(fields[0], 16), int(fields[1], 16))
+                            if dev == st.st_dev and int(fields[2]) == st.st_ino:
+                                return int(parts[i - 1])
+                        except ValueError:
+                            continue
+    except OSError:
+        pass
+    try:
+        text = path.read_text().strip()
         return int(text.split()[0]) if text else None
     except (OSError, ValueError, IndexError):
         return None
@@ -80,8 +103,10 @@ class RunLock:
             except FileNotFoundError:
                 current = None
             if current == os.fstat(fd).st_ino:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                if os.fstat(fd).st_size == 0:
+                    # A new lock file: the creator's PID, for systems without /proc/locks.  An
+                    # existing one is left as it is (a refused resume changes no byte of the run).
+                    os.write(fd, f"{os.getpid()}\n".encode())
                 return cls(fd, directory)
             os.close(fd)  # the directory was swapped under us: lock the file there now
         raise RunBusy(busy_message(directory, holder_pid(directory)))

@@ -92,7 +92,13 @@ class Run:
     @cached_property
     def summary(self) -> dict:
         """Final numbers; ``{}`` while the run is unfinished."""
-        return read_json(self.path / schema.SUMMARY) or {}
+        summary = read_json(self.path / schema.SUMMARY) or {}
+        for key in schema.DESIGN_SUMMARY_KEYS:  # numbers or null, by contract
+            value = summary.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{self.path / schema.SUMMARY}: {key} = {value!r} is not a number; "
+                                "the run directory is damaged (diralign resume rewrites it)")
+        return summary
 
     @property
     def finished(self) -> bool:
@@ -131,6 +137,11 @@ class Run:
         missing = [c for c in (schema.STEP, schema.LN_N_OVER_L) if c not in frame.columns]
         if missing:
             raise UserError(f"{path} has no column {missing[0]!r} (a damaged header?); the run directory is damaged")
+        # Every column the writer makes is a number (or a bool); text in one is damage.
+        damaged = [c for c in frame.columns if schema.is_log_column(c) and not pd.api.types.is_numeric_dtype(frame[c])]
+        if damaged:
+            raise UserError(f"{path}: column {damaged[0]!r} holds something that is not a number; "
+                            "the run directory is damaged")
         return frame
 
     def column(self, name: str) -> np.ndarray:
@@ -193,6 +204,18 @@ class Run:
     def final_weights(self):
         """The flat parameter vector of the last checkpoint."""
         return self.checkpoint()["state"]["w"]
+
+    def check(self) -> Run:
+        """Read every file a figure or a report reads, so that damage is one error before any
+        output is written (a plot that failed half-way would leave half its figures new)."""
+        self.summary, self.assumptions  # noqa: B018 - reading is the check
+        if (self.path / schema.LOG).is_file():
+            self.log  # noqa: B018
+            for name in schema.ARRAY_LOGS:
+                self.array(name)
+        for name in (schema.FINAL_MARGINS, schema.ANGLE_TO_FINAL):
+            self.npy(name)
+        return self
 
     def __repr__(self) -> str:
         state = "finished" if self.finished else "unfinished"
