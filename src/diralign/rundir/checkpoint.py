@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,15 +54,20 @@ def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:
     if not path.is_file():
         raise UserError(f"{path} is missing; the run has no checkpoint to resume from (start it again with diralign run)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of foreign files; the verdict below is the one line.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global it does not know (a class, a function to call)
         # before creating it: the file wanted to run code or build objects diralign never writes.
-        gist = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in gist if "GLOBAL" in line or "global" in line), "")
+        text = str(exc)
+        found = (re.search(r"(unsupported GLOBAL [\w.]+)", text)
+                 or re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|Check the documentation|$)", text, re.S))
+        detail = " ".join(found.group(1).split()) if found else ""
         raise UserError(
             f"{path} is not a diralign checkpoint: it asks to build objects, not just data "
-            f"({detail[:120] or 'unsupported pickle content'}); nothing of it was run. {restore}"
+            f"({detail[:120] or "unsupported pickle content"}); nothing of it was run; {restore}"
         ) from None
     except Exception as exc:  # torch raises many types for a cut or foreign file
         raise UserError(f"{path} is corrupt or truncated ({type(exc).__name__}); {restore}") from None
