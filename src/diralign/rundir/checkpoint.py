@@ -67,7 +67,7 @@ def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:
         detail = " ".join(found.group(1).split()) if found else ""
         raise UserError(
             f"{path} is not a diralign checkpoint: it asks to build objects, not just data "
-            f"({detail[:120] or "unsupported pickle content"}); nothing of it was run; {restore}"
+            f"({detail[:120] or 'unsupported pickle content'}); nothing of it was run; {restore}"
         ) from None
     except Exception as exc:  # torch raises many types for a cut or foreign file
         raise UserError(f"{path} is corrupt or truncated ({type(exc).__name__}); {restore}") from None
