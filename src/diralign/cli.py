@@ -180,11 +180,10 @@ def main(argv=None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     except ValueError:  # not the main thread
         previous = None
-    command = None
+    # Known before parsing: building the parser imports the experiments (and torch).
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        args = _parser().parse_args(argv)
-        command = args.command
-        return dispatch(args)
+        return dispatch(_parser().parse_args(argv))
     except UserError as exc:
         print(f"diralign: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ naming it, never a traceback.  Array logs are memory-mapped and cut to the rows 
 
 from __future__ import annotations
 
+import io
 import json
 from functools import cached_property
 from pathlib import Path
@@ -131,14 +132,17 @@ class Run:
         if not path.is_file():
             raise UserError(f"{self.path} has no {schema.LOG}; the run wrote no log point yet")
         try:
-            frame = pd.read_csv(path)
+            data = path.read_bytes()
+            # A row a live run is still writing is not a row yet: complete lines only.
+            frame = pd.read_csv(io.BytesIO(data[: data.rfind(b"\n") + 1]))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path} is unreadable ({type(exc).__name__}); the run directory is damaged") from None
         missing = [c for c in (schema.STEP, schema.LN_N_OVER_L) if c not in frame.columns]
         if missing:
             raise UserError(f"{path} has no column {missing[0]!r} (a damaged header?); the run directory is damaged")
         # Every column the writer makes is a number (or a bool); text in one is damage.
-        damaged = [c for c in frame.columns if schema.is_log_column(c) and not pd.api.types.is_numeric_dtype(frame[c])]
+        damaged = [c for c in frame.columns
+                   if len(frame) and schema.is_log_column(c) and not pd.api.types.is_numeric_dtype(frame[c])]
         if damaged:
             raise UserError(f"{path}: column {damaged[0]!r} holds something that is not a number; "
                             "the run directory is damaged")
