@@ -57,6 +57,18 @@ def disk_errors(what: str, intact: str):
         raise DiskError(f"cannot {what}{where}: {reason(exc)}; {intact}") from None
 
 
+def check_writable(directory: Path, what: str, intact: str) -> None:
+    """Fail now, in one line, if files cannot be created in ``directory`` (made if missing),
+    rather than after minutes of work whose output could not be kept."""
+    import tempfile
+
+    with disk_errors(what, intact):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".diralign-probe-")
+        os.close(fd)
+        os.unlink(probe)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (best effort: some file systems cannot)."""
     try:

@@ -276,14 +276,15 @@ class RunWriter:
 
     def positions(self) -> dict:
         """Byte/row lengths of every append-only file, made durable first."""
-        with disk_errors("flush the logs", self._intact()):
+        with disk_errors(f"write {schema.LOG}", self._intact()):
             self._log.flush()
             os.fsync(self._log.fileno())
-            rows = {}
-            for name, log in self.arrays.items():
+        rows = {}
+        for name, log in self.arrays.items():
+            with disk_errors(f"write {name}.bin", self._intact()):
                 log.sync()
                 rows[name] = log.rows()
-            return {"log_bytes": os.fstat(self._log.fileno()).st_size, "array_rows": rows}
+        return {"log_bytes": os.fstat(self._log.fileno()).st_size, "array_rows": rows}
 
     def close_logs(self) -> None:
         """Flush and close the append-only logs (the lock stays: the summary is still to come)."""
