@@ -188,6 +188,7 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     # Build everything before touching the disk: a bad setting must not leave a half-made
     # run directory, nor delete the run that --force would replace.
     setup, identity = build_identified(experiment, config, coordinator)
+    _check_tensorboard(config)
     meta = {
         schema.META_EXPERIMENT: experiment.name,
         schema.META_CONFIG: config_to_dict(config),
@@ -230,6 +231,7 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
         raise UserError(f"{path} is a {run.experiment!r} run, not {experiment.name!r}")
     experiment = experiment if experiment is not None else get_experiment(run.experiment)
     config = config_from_dict(experiment.Config, run.config)
+    _check_tensorboard(config)
     # The one writer: refused while a run or another resume writes this directory.
     store = RunWriter.open_existing(path, experiment.name) if coordinator.is_writer else None
     try:
@@ -258,6 +260,13 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
     return _run(experiment, setup, config, store, state, quiet, coordinator, payload=payload)
 
 
+def _check_tensorboard(config) -> None:
+    if LoggingOptions.from_config(config).tensorboard:
+        from .tensorboard import summary_writer_class
+
+        summary_writer_class()  # a missing package is one line, before the disk is touched
+
+
 def _run(experiment, setup, config, store, state, quiet, coordinator, payload=None):
     """Train and finish; ``store`` is released (its lock, or an unpublished directory) on every path."""
     published = payload is not None
@@ -279,6 +288,14 @@ def _run(experiment, setup, config, store, state, quiet, coordinator, payload=No
             if store is not None:
                 store.publish()
             published = True
+        live_tb = None
+        if store is not None and trainer.logging.tensorboard:
+            from .tensorboard import LiveWriter
+
+            # After open_logs cut the logs back to the checkpoint (and after the new run is in
+            # place): the stream is rebuilt from the rows it kept, so no step is written twice.
+            live_tb = LiveWriter.open(store.path, problem.degree, resumed=payload is not None)
+            trainer.callbacks.append(live_tb)
         progress = Progress(trainer.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
         try:
             state = trainer.train(state, progress)
@@ -292,6 +309,8 @@ def _run(experiment, setup, config, store, state, quiet, coordinator, payload=No
         summary.update(experiment.finish(setup, state, store, config))
         if store is not None:
             finish_store(store, setup, state, summary)
+        if live_tb is not None:
+            live_tb.finish(summary)
     except KeyboardInterrupt:
         if store is not None:
             store.abandon()
