@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UserError
 from . import schema
-from .disk import disk_errors, write_atomic
+from .disk import write_atomic
 from .integrity import payload_checksum, plain_payload
 
 CHECKPOINT_FORMAT = "diralign-checkpoint"
@@ -42,9 +42,7 @@ def save_checkpoint_file(path: Path, payload: dict, run_id: Optional[str] = None
     payload[schema.CKPT_CHECKSUM] = payload_checksum(payload, schema.CKPT_CHECKSUM)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    with disk_errors(f"write {path.name}", f"the previous {path.name} is intact; free space or fix the disk, "
-                                            f"then continue with: diralign resume {path.parent}"):
-        write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())  # the writer says what a disk error leaves intact
 
 
 def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:

@@ -9,7 +9,8 @@ beside a live run is refused with the holder's PID.
 **Built beside, swapped in.** :meth:`RunWriter.create` builds a new run in a hidden sibling
 of ``--out`` (``.NAME.diralign-new-PID-XXXX``); :meth:`RunWriter.publish` moves it into
 place once its set-up is on disk (config, assumptions, opened logs and the checkpoint of
-step 0), exchanging it atomically with the run ``--force`` replaces.  Any failure before
+step 0), exchanging it atomically with the run ``--force`` replaces.  (A mount point at
+``--out`` cannot be renamed: there the run is staged inside it and moved up file by file.)  Any failure before
 that (a value that cannot be written, a full disk, Ctrl-C) removes the sibling and leaves
 ``--out`` exactly as it was; from the moment ``--out`` holds the new run, it can be resumed.
 
@@ -64,6 +65,7 @@ class RunWriter:
         self._lock = lock
         self._final: Optional[Path] = None  # where publish() moves a run built beside --out
         self._replaced: Optional[RunLock] = None  # the lock of the run --force replaces
+        self._in_place = False  # --out is a mount point: staged inside it (see create)
 
     @property
     def log_path(self) -> Path:
@@ -106,9 +108,12 @@ class RunWriter:
         with disk_errors(f"create the run directory {path}", "nothing was written"):
             if path.is_dir() and any(path.iterdir()):  # a run directory, and --force was given
                 replaced = RunLock.acquire(path)  # refuses to replace a run that is being written
+            # A mount point (a container's volume at --out) cannot be renamed: its run is
+            # built inside it instead, and moved up file by file at publish().
+            in_place = path.is_dir() and os.path.ismount(path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                stage = path.parent / f".{path.name}{_STAGING_TAG}{os.getpid()}-{secrets.token_hex(3)}"
+                stage = (path if in_place else path.parent) / f".{path.name}{_STAGING_TAG}{os.getpid()}-{secrets.token_hex(3)}"
                 stage.mkdir()
             except BaseException:
                 if replaced is not None:
@@ -123,7 +128,7 @@ class RunWriter:
                 replaced.release()
             raise
         writer = cls(stage, experiment, lock)
-        writer._final, writer._replaced = path, replaced
+        writer._final, writer._replaced, writer._in_place = path, replaced, in_place
         return writer
 
     @classmethod
@@ -146,7 +151,9 @@ class RunWriter:
             return
         stage, final = self.path, self._final
         with disk_errors(f"move the new run into {final}", f"nothing was written to {final}"):
-            if self._replaced is not None:
+            if self._in_place:
+                self._publish_in_place(stage, final)
+            elif self._replaced is not None:
                 _swap(stage, final)  # stage now holds the old run
                 self._adopt(final)
                 shutil.rmtree(stage, ignore_errors=True)
@@ -162,6 +169,22 @@ class RunWriter:
                                   f"({busy_message(final, holder_pid(final))})") from None
                 self._adopt(final)
             fsync_dir(final.parent)
+
+    def _publish_in_place(self, stage: Path, final: Path) -> None:
+        """The fallback for a mount point: not atomic, so the old run's files go only now,
+        after every check and the new run's set-up succeeded, and config.json comes last
+        (a directory without it is not taken for a run)."""
+        if self._replaced is not None:
+            for entry in final.iterdir():
+                if entry != stage and entry.name != schema.LOCK:  # the old lock, held, becomes the new one
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            (stage / schema.LOCK).unlink()
+            self._lock.release()
+            self._lock, self._replaced = self._replaced, None
+        for entry in sorted(stage.iterdir(), key=lambda e: e.name == schema.CONFIG):
+            os.rename(entry, final / entry.name)  # the lock file too: the flock goes with its inode
+        stage.rmdir()
+        self._adopt(final)
 
     def _adopt(self, final: Path) -> None:
         self.path, self._final = final, None
@@ -328,7 +351,8 @@ class RunWriter:
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, payload: dict) -> None:
-        save_checkpoint_file(self.path / schema.CHECKPOINT, payload, run_id=self.run_id)
+        with disk_errors(f"write {schema.CHECKPOINT}", self._intact()):
+            save_checkpoint_file(self.path / schema.CHECKPOINT, payload, run_id=self.run_id)
 
     def load_checkpoint(self) -> dict:
         return load_checkpoint_file(self.path / schema.CHECKPOINT, run_id=self.run_id)
