@@ -367,7 +367,10 @@ def _swap(a: Path, b: Path) -> None:
     try:
         os.rename(a, b)
     except OSError:
-        os.rename(aside, b)
+        try:
+            os.rename(aside, b)
+        except OSError:  # another run took `b` in the gap: keep the old one where it is, say so
+            raise RunBusy(f"--out {b} was taken by another run during the swap; the old run is kept in {aside}") from None
         raise
     os.rename(aside, a)
 
