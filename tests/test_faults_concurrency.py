@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from faults_helpers import QUIET, assert_one_line, cli, spawn
 
 from diralign.rundir import Run, RunWriter, schema
 from diralign.rundir.lock import RunBusy
+from faults_helpers import QUIET, assert_one_line, cli, spawn
 
 
 def _staging(parent):

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
-from faults_helpers import QUIET, assert_one_line, cli, fingerprint, reseal_config
 
 from diralign.errors import UserError
 from diralign.rundir import RunWriter, schema
 from diralign.rundir.checkpoint import save_checkpoint_file
 from diralign.runner import start_run
+from faults_helpers import QUIET, assert_one_line, cli, fingerprint, reseal_config
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import shutil
 import subprocess
 
 import pytest
-from faults_helpers import QUIET, assert_one_line, assert_same_run, cli, fingerprint, spawn
 
 from diralign.rundir import load_checkpoint_file, schema
 from diralign.runner import start_run
+from faults_helpers import QUIET, assert_one_line, assert_same_run, cli, fingerprint, spawn
 
 QUICK = ["--set", "target_ln_n_over_L=10", "--set", "dynamics=gd", "--set", "threads=1", *QUIET]
 

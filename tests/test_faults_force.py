@@ -10,11 +10,11 @@ import os
 import shutil
 
 import pytest
-from faults_helpers import QUIET, assert_one_line, cli, fingerprint
 
 from diralign.rundir import checkpoint as checkpoint_module
 from diralign.rundir import schema
 from diralign.runner import start_run
+from faults_helpers import QUIET, assert_one_line, cli, fingerprint
 
 QUICK = ["--set", "target_ln_n_over_L=8", "--set", "dynamics=gd", "--set", "threads=1", *QUIET]
 

@@ -10,10 +10,10 @@ import struct
 import zipfile
 
 import pytest
-from faults_helpers import QUIET, assert_one_line, cli, fingerprint
 
 from diralign.rundir import load_checkpoint_file, schema
 from diralign.runner import start_run
+from faults_helpers import QUIET, assert_one_line, cli, fingerprint
 
 ARGS = ["target_ln_n_over_L=15", "dynamics=gd", "threads=1"]
 

@@ -13,10 +13,10 @@ import sys
 import time
 
 import pytest
-from faults_helpers import QUIET, assert_one_line, assert_same_run, cli, spawn
 
 from diralign.rundir import schema
 from diralign.runner import start_run
+from faults_helpers import QUIET, assert_one_line, assert_same_run, cli, spawn
 
 SETTINGS = ["target_ln_n_over_L=150", "threads=1", "checkpoint_every_steps=7"]
 ARGS = [x for s in SETTINGS for x in ("--set", s)]

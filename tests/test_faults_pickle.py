@@ -11,11 +11,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from faults_helpers import QUIET, assert_one_line, cli, fingerprint
 
 from diralign.errors import UserError
 from diralign.rundir import load_checkpoint_file, save_checkpoint_file, schema
 from diralign.runner import start_run
+from faults_helpers import QUIET, assert_one_line, cli, fingerprint
 
 
 class MakesAFile:
