@@ -6,13 +6,12 @@
 opening until :meth:`RunWriter.close`: a second ``run --force``, ``resume`` or a resume
 beside a live run is refused with the holder's PID.
 
-**Built beside, swapped in.** :meth:`RunWriter.create` builds a new run in a hidden sibling
-of ``--out`` (``.NAME.diralign-new-PID-XXXX``); :meth:`RunWriter.publish` moves it into
-place once its set-up is on disk (config, assumptions, opened logs and the checkpoint of
-step 0), exchanging it atomically with the run ``--force`` replaces.  (A mount point at
-``--out`` cannot be renamed: there the run is staged inside it and moved up file by file.)  Any failure before
-that (a value that cannot be written, a full disk, Ctrl-C) removes the sibling and leaves
-``--out`` exactly as it was; from the moment ``--out`` holds the new run, it can be resumed.
+**Built beside, swapped in** (:mod:`.staging`).  :meth:`RunWriter.create` sets a new run up
+in a hidden sibling of ``--out``; :meth:`RunWriter.publish` moves it into place once its
+set-up is on disk (config, assumptions, opened logs and the checkpoint of step 0),
+exchanging it atomically with the run ``--force`` replaces.  Any failure before that (a value
+that cannot be written, a full disk, Ctrl-C) leaves ``--out`` exactly as it was; from the
+moment ``--out`` holds the new run, it can be resumed.
 
 **Crash safety.** Log rows are buffered and reach the disk at each checkpoint and at close;
 a checkpoint first makes every append-only file durable, records its length, and is then
@@ -29,14 +28,10 @@ a row.
 from __future__ import annotations
 
 import csv
-import ctypes
-import errno
 import io
 import json
 import math
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -47,10 +42,9 @@ from ..errors import UserError
 from . import schema
 from .arraylog import ArrayLog, check_array_log
 from .checkpoint import load_checkpoint_file, save_checkpoint_file
-from .disk import disk_errors, fsync_dir, write_atomic
-from .lock import RunBusy, RunLock, busy_message, holder_pid
-
-_STAGING_TAG = ".diralign-new-"
+from .disk import disk_errors, write_atomic
+from .lock import RunLock
+from .staging import Staging
 
 
 class RunWriter:
@@ -63,9 +57,7 @@ class RunWriter:
         self.arrays: dict[str, ArrayLog] = {}
         self._resume_positions: Optional[dict] = None
         self._lock = lock
-        self._final: Optional[Path] = None  # where publish() moves a run built beside --out
-        self._replaced: Optional[RunLock] = None  # the lock of the run --force replaces
-        self._in_place = False  # --out is a mount point: staged inside it (see create)
+        self._staging: Optional[Staging] = None  # a new run, until publish() moves it to --out
 
     @property
     def log_path(self) -> Path:
@@ -73,11 +65,11 @@ class RunWriter:
 
     @property
     def published(self) -> bool:
-        return self._final is None
+        return self._staging is None
 
     def _intact(self) -> str:
         if not self.published:
-            return f"{self._final} is unchanged"
+            return f"{self._staging.final} is unchanged"
         return f"the last checkpoint is intact: free space or fix the disk, then continue with: diralign resume {self.path}"
 
     # -- creation -----------------------------------------------------------------
@@ -101,34 +93,19 @@ class RunWriter:
 
     @classmethod
     def create(cls, path, force: bool = False, experiment: str = "") -> RunWriter:
-        """A writer of a new run, built beside ``path`` until :meth:`publish`."""
+        """A writer of a new run, set up beside ``path`` until :meth:`publish`."""
         path = Path(path)
         cls.check_target(path, force)
-        replaced = None
         with disk_errors(f"create the run directory {path}", "nothing was written"):
-            if path.is_dir() and any(path.iterdir()):  # a run directory, and --force was given
-                replaced = RunLock.acquire(path)  # refuses to replace a run that is being written
-            # A mount point (a container's volume at --out) cannot be renamed: its run is
-            # built inside it instead, and moved up file by file at publish().
-            in_place = path.is_dir() and os.path.ismount(path)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stage = (path if in_place else path.parent) / f".{path.name}{_STAGING_TAG}{os.getpid()}-{secrets.token_hex(3)}"
-                stage.mkdir()
-            except BaseException:
-                if replaced is not None:
-                    replaced.release()
-                raise
+            staging = Staging.begin(path, replace=path.is_dir() and any(path.iterdir()))
         try:
             with disk_errors(f"create the run directory {path}", "nothing was written"):
-                lock = RunLock.acquire(stage)
+                lock = RunLock.acquire(staging.stage)
         except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            if replaced is not None:
-                replaced.release()
+            staging.discard()
             raise
-        writer = cls(stage, experiment, lock)
-        writer._final, writer._replaced, writer._in_place = path, replaced, in_place
+        writer = cls(staging.stage, experiment, lock)
+        writer._staging = staging
         return writer
 
     @classmethod
@@ -142,56 +119,16 @@ class RunWriter:
         return cls(path, experiment, lock)
 
     def publish(self) -> None:
-        """Move a run built beside ``--out`` into place (no-op once there).
-
-        With ``--force`` the old run is exchanged atomically with the new one (renameat2
-        RENAME_EXCHANGE; two renames where the file system lacks it) and then deleted while
-        its lock is still held, so no process ever sees ``--out`` missing or half-made."""
-        if self._final is None:
+        """Move a run set up beside ``--out`` into place (no-op once there); see :mod:`.staging`."""
+        if self._staging is None:
             return
-        stage, final = self.path, self._final
-        with disk_errors(f"move the new run into {final}", f"nothing was written to {final}"):
-            if self._in_place:
-                self._publish_in_place(stage, final)
-            elif self._replaced is not None:
-                _swap(stage, final)  # stage now holds the old run
-                self._adopt(final)
-                shutil.rmtree(stage, ignore_errors=True)
-                self._replaced.release()
-                self._replaced = None
-            else:
-                try:
-                    os.rename(stage, final)  # replaces an empty directory; never a full one
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                    raise RunBusy(f"--out {final} was filled by another run while this one was set up "
-                                  f"({busy_message(final, holder_pid(final))})") from None
-                self._adopt(final)
-            fsync_dir(final.parent)
-
-    def _publish_in_place(self, stage: Path, final: Path) -> None:
-        """The fallback for a mount point: not atomic, so the old run's files go only now,
-        after every check and the new run's set-up succeeded, and config.json comes last
-        (a directory without it is not taken for a run)."""
-        if self._replaced is not None:
-            for entry in final.iterdir():
-                if entry != stage and entry.name != schema.LOCK:  # the old lock, held, becomes the new one
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            (stage / schema.LOCK).unlink()
-            self._lock.release()
-            self._lock, self._replaced = self._replaced, None
-        for entry in sorted(stage.iterdir(), key=lambda e: e.name == schema.CONFIG):
-            os.rename(entry, final / entry.name)  # the lock file too: the flock goes with its inode
-        stage.rmdir()
-        self._adopt(final)
-
-    def _adopt(self, final: Path) -> None:
-        self.path, self._final = final, None
-        for log in self.arrays.values():
-            log.directory = final
-        if self._lock is not None:
-            self._lock.moved_to(final)
+        staging = self._staging
+        with disk_errors(f"move the new run into {staging.final}", f"{staging.final} is unchanged"):
+            self._lock = staging.finish(self._lock)
+        self._staging = None
+        self.path = staging.final
+        for log in self.arrays.values():  # their descriptors followed the rename; their names follow here
+            log.directory = staging.final
 
     def write_json(self, name: str, data, strict: bool = False) -> None:
         """``name`` written atomically; ``strict`` (config.json): a non-finite number is an
@@ -329,13 +266,11 @@ class RunWriter:
             self._close_logs()
         except OSError:
             pass
-        if self._final is not None:  # never published: nothing of it may stay
-            shutil.rmtree(self.path, ignore_errors=True)
         if self._lock is not None:
             self._lock.release()
-        if self._replaced is not None:
-            self._replaced.release()
-            self._replaced = None
+        if self._staging is not None:  # never published: nothing of it may stay
+            self._staging.discard()
+            self._staging = None
 
     def _close_logs(self) -> None:
         errors = []
@@ -356,39 +291,6 @@ class RunWriter:
 
     def load_checkpoint(self) -> dict:
         return load_checkpoint_file(self.path / schema.CHECKPOINT, run_id=self.run_id)
-
-
-def _swap(a: Path, b: Path) -> None:
-    """Exchange two directories atomically where the kernel can (Linux renameat2)."""
-    if _rename_exchange(a, b):
-        return
-    aside = b.with_name(f".{b.name}.diralign-old-{os.getpid()}-{secrets.token_hex(3)}")
-    os.rename(b, aside)
-    try:
-        os.rename(a, b)
-    except OSError:
-        try:
-            os.rename(aside, b)
-        except OSError:  # another run took `b` in the gap: keep the old one where it is, say so
-            raise RunBusy(f"--out {b} was taken by another run during the swap; the old run is kept in {aside}") from None
-        raise
-    os.rename(aside, a)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False  # no such call, or a file system that cannot exchange: two renames instead
-    raise OSError(code, os.strerror(code), str(b))
 
 
 def _csv_value(value) -> str:
