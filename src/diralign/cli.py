@@ -101,6 +101,12 @@ def _print_summary(summary: dict, out) -> None:
     print(f"{out}: " + " ".join(parts), flush=True)
 
 
+def _print_stop(summary: dict) -> None:
+    """A run that ended on a stall says why, even with --quiet (its numbers are not converged)."""
+    if summary.get("stop_message"):
+        print(f"diralign: stopped ({summary.get('stop_reason')}): {summary['stop_message']}", file=sys.stderr, flush=True)
+
+
 def _plot(out, quiet: bool) -> None:
     from .figures import plot_run
 
@@ -190,6 +196,7 @@ def dispatch(args) -> int:
     if coordinator is None or coordinator.is_writer:
         if not args.quiet:
             _print_summary(summary, out)
+        _print_stop(summary)
         if not args.no_plot:
             _plot(out, args.quiet)
     return 0

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -24,7 +25,8 @@ from .models.homogeneity import homogeneity_degree
 from .models.structure import nonsmooth_operations
 from .rundir import Run, RunWriter, load_checkpoint_file, schema
 from .rundir.integrity import config_checksum, new_run_id, tensor_sha256
-from .runtime import RuntimeOptions, apply_runtime_settings, resolve_dtype_device
+from .runtime import ProblemOptions, RuntimeOptions, apply_runtime_settings, resolve_dtype_device
+from .separability import check_separable
 from .trainer import Coordinator, GoalOptions, Interrupted, LoggingOptions, Trainer, TrainState, initial_state
 
 
@@ -130,6 +132,14 @@ def _experiment(spec) -> Experiment:
     return spec if isinstance(spec, Experiment) else get_experiment(spec)
 
 
+def resolve_pieces(config, coordinator: Coordinator):
+    """``pieces = 0`` means one per process of the launch that starts the run; a run's
+    config.json records the number, so that its resumes use the same arithmetic."""
+    if ProblemOptions.from_config(config).pieces:
+        return config
+    return dataclasses.replace(config, pieces=coordinator.world_size)
+
+
 def build(experiment, config, coordinator: Coordinator):
     return build_identified(experiment, config, coordinator)[0]
 
@@ -141,6 +151,7 @@ def build_identified(experiment, config, coordinator: Coordinator):
     dtype, device = resolve_dtype_device(runtime)
     apply_runtime_settings(runtime)
     setup = experiment.setup(config, dtype, device)
+    check_separable(setup.problem)  # all n examples, on every process alike
     problem = setup.problem
     identity = {
         schema.META_DATA_SHA256: tensor_sha256(problem.X, problem.y),
@@ -183,6 +194,7 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     if isinstance(config, (list, tuple)):
         config = apply_overrides(experiment.default_config(), list(config))
     coordinator = coordinator or Coordinator()
+    config = resolve_pieces(config, coordinator)
     if coordinator.is_writer:
         RunWriter.check_target(out, force=force)
     # Build everything before touching the disk: a bad setting must not leave a half-made
@@ -202,6 +214,7 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     }
     meta = sealed_meta(experiment, config, meta)
     state = initial_state(setup.problem, setup.w0)
+    check_target_above_start(config, setup.problem, state.ev)
     setup.extras["initial_evaluation"] = state.ev
     report = assumption_report(setup, config)
     store = None
@@ -220,6 +233,23 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     return _run(experiment, setup, config, store, state, quiet, coordinator)
 
 
+def check_target_above_start(config, problem, ev) -> None:
+    """A target at or below the starting ln(n/L) means nothing: the run would "finish"
+    after 0 steps.  Refused before the run directory is touched."""
+    target = GoalOptions.from_config(config).target_ln_n_over_L
+    start = math.log(problem.n) - ev.log_risk
+    if target is not None and not target > start:
+        raise UserError(
+            f"target_ln_n_over_L={target:g} is at or below where this run starts: ln(n/L) = {start:.6g} at the "
+            f"initial weights (risk falls from there); set a target above it, e.g. --set target_ln_n_over_L={_above(start):g}"
+        )
+
+
+def _above(start: float) -> float:
+    """A round target above ``start``: the next power of ten (at least 10)."""
+    return 10.0 ** max(1, math.ceil(math.log10(max(start, 1.0) * 1.01)))
+
+
 def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = None, experiment=None):
     """Continue the run in ``path`` from its last checkpoint, after checking that every file
     is this run's and whole: run id, checksums, data and initial weights, log lengths."""
@@ -230,7 +260,7 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
     if experiment is not None and experiment.name != run.experiment:
         raise UserError(f"{path} is a {run.experiment!r} run, not {experiment.name!r}")
     experiment = experiment if experiment is not None else get_experiment(run.experiment)
-    config = config_from_dict(experiment.Config, run.config)
+    config = resolve_pieces(config_from_dict(experiment.Config, run.config), coordinator)
     _check_tensorboard(config)
     # The one writer: refused while a run or another resume writes this directory.
     store = RunWriter.open_existing(path, experiment.name) if coordinator.is_writer else None
@@ -346,6 +376,7 @@ def summarize(experiment, setup, state, config, dynamics) -> dict:
         "dynamics": describe_dynamics(config),
         "faithful_to_flow": bool(dynamics.faithful_to_flow),
         "stop_reason": state.stop_reason,
+        "stop_message": state.stop_message,
         "first_separable_step": state.first_separable_step,
         "first_separable_ln_n_over_L": state.first_separable_ln,
         "assumption_2_3_step": state.below_loss_at_zero_step,

@@ -125,6 +125,7 @@ SUMMARY_KEYS = DESIGN_SUMMARY_KEYS + (
     "dynamics",  # which dynamics produced the numbers ("flow/cvode", "gd", ...)
     "faithful_to_flow",  # true when they are the error-controlled flow's, not a discrete method's iterates
     "stop_reason",  # target_ln_n_over_L | max_steps | max_wall_seconds | stalled | ...
+    "stop_message",  # the reason in words where it needs them (stalled: by how little the risk fell), else null
     "first_separable_step", "first_separable_ln_n_over_L",  # first perfect classification
     "assumption_2_3_step",  # first step with L(W) < l(0)
     "alignment_cos_at_ln10", "alignment_cos_at_ln30", "alignment_cos_at_ln100",  # measured at the milestone
