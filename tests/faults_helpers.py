@@ -21,6 +21,25 @@ from diralign.rundir import read_array_log, schema
 from diralign.rundir.integrity import config_checksum
 
 QUIET = ["--quiet", "--no-plot"]
+# A short run shared by the modules that compare an interrupted run with an uninterrupted one.
+SHORT = ["target_ln_n_over_L=10", "dynamics=gd", "threads=1", "checkpoint_every_steps=25"]
+
+
+def as_args(settings) -> list[str]:
+    return [x for s in settings for x in ("--set", s)]
+
+
+def reference_run(tmp_path_factory, experiment: str, settings) -> Path:
+    """The uninterrupted run of ``settings``, made once per test session (in this process)."""
+    import hashlib
+
+    from diralign.runner import start_run
+
+    key = hashlib.sha256(repr((experiment, list(settings))).encode()).hexdigest()[:12]
+    out = tmp_path_factory.getbasetemp() / f"reference-{experiment}-{key}"
+    if not (out / schema.SUMMARY).is_file():
+        start_run(experiment, list(settings), out, quiet=True, force=True)
+    return out
 
 
 def cli(*args) -> tuple[int, str]:

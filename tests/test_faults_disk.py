@@ -15,7 +15,17 @@ import pytest
 
 from diralign.rundir import load_checkpoint_file, schema
 from diralign.runner import start_run
-from faults_helpers import QUIET, assert_one_line, assert_same_run, cli, fingerprint, spawn
+from faults_helpers import (
+    QUIET,
+    SHORT,
+    as_args,
+    assert_one_line,
+    assert_same_run,
+    cli,
+    fingerprint,
+    reference_run,
+    spawn,
+)
 
 QUICK = ["--set", "target_ln_n_over_L=10", "--set", "dynamics=gd", "--set", "threads=1", *QUIET]
 
@@ -72,14 +82,11 @@ def _limit_file_size(limit):
     return apply
 
 
-def test_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
-    settings = ["target_ln_n_over_L=10", "dynamics=gd", "threads=1", "checkpoint_every_steps=25"]
-    reference = tmp_path / "reference"
-    start_run("linear", settings, reference, quiet=True)
+def test_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path, tmp_path_factory):
+    reference = reference_run(tmp_path_factory, "linear", SHORT)
     out = tmp_path / "run"
     # Files may not grow past 20 kB: config and the checkpoints fit, the logs soon do not.
-    proc = spawn("run", "linear", "--out", out, *(x for s in settings for x in ("--set", s)), *QUIET,
-                 preexec_fn=_limit_file_size(20_000))
+    proc = spawn("run", "linear", "--out", out, *as_args(SHORT), *QUIET, preexec_fn=_limit_file_size(20_000))
     _, err = proc.communicate(timeout=300)
     line = assert_one_line(proc.returncode, err, "file-size limit")
     assert "intact" in line and f"diralign resume {out}" in line

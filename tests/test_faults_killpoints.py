@@ -15,11 +15,9 @@ import time
 import pytest
 
 from diralign.rundir import schema
-from diralign.runner import start_run
-from faults_helpers import QUIET, assert_one_line, assert_same_run, cli, spawn
+from faults_helpers import QUIET, SHORT, as_args, assert_one_line, assert_same_run, cli, reference_run, spawn
 
-SETTINGS = ["target_ln_n_over_L=150", "threads=1", "checkpoint_every_steps=7"]
-ARGS = [x for s in SETTINGS for x in ("--set", s)]
+ARGS = as_args(SHORT)
 
 
 def _staged(out) -> bool:
@@ -30,7 +28,7 @@ def _start(out):
     """``run`` where the run is absent, else ``resume``: what a user would type next."""
     if (out / schema.CONFIG).exists():
         return spawn("resume", out, *QUIET)
-    return spawn("run", "deep-linear", "--out", out, *ARGS, *QUIET)
+    return spawn("run", "linear", "--out", out, *ARGS, *QUIET)
 
 
 def _kill_when(proc, ready, delay: float) -> None:
@@ -42,9 +40,8 @@ def _kill_when(proc, ready, delay: float) -> None:
     proc.wait()
 
 
-def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path):
-    reference = tmp_path / "reference"
-    start_run("deep-linear", SETTINGS, reference, quiet=True)
+def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, tmp_path_factory):
+    reference = reference_run(tmp_path_factory, "linear", SHORT)
     out = tmp_path / "killed"
     # 1. while it is set up beside --out, or the moment --out appears: then either nothing is
     # at --out (`run` starts afresh, no --force needed) or its step-0 checkpoint is there
@@ -53,7 +50,7 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path):
     assert not out.exists() or (out / schema.CHECKPOINT).exists()
     # 2. at a random moment of training (or of the set-up again, if nothing was at --out)
     proc = _start(out)
-    _kill_when(proc, lambda: (out / schema.CHECKPOINT).exists(), random.uniform(0.0, 0.8))
+    _kill_when(proc, lambda: (out / schema.CHECKPOINT).exists(), random.uniform(0.0, 0.6))
     assert (out / schema.CHECKPOINT).exists()
     rc, err = cli("resume", out, *QUIET)
     assert rc == 0, err
@@ -65,7 +62,7 @@ def test_interrupt_during_startup_is_one_line(tmp_path, signum):
     out = tmp_path / "run"
     # The `diralign` entry point, announcing when it is about to start (imports come after).
     code = "import sys; from diralign.cli import main; print('ready', flush=True); sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "run", "deep-linear", "--out", str(out), *ARGS, *QUIET],
+    proc = subprocess.Popen([sys.executable, "-c", code, "run", "linear", "--out", str(out), *ARGS, *QUIET],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(random.uniform(0.0, 0.3))  # importing torch and building the problem take longer
