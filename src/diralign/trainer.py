@@ -306,9 +306,9 @@ class Trainer:
         if self.store is None:
             return
         self.store.save_checkpoint({
-            "state": state.to_payload(),
-            "dynamics": self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
-            "positions": self.store.positions(),
+            schema.CKPT_STATE: state.to_payload(),
+            schema.CKPT_DYNAMICS: self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
+            schema.CKPT_POSITIONS: self.store.positions(),
         })
 
     def goal_reached(self, state: TrainState, s: float) -> Optional[str]:
