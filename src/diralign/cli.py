@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -48,7 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw the figures of a run directory")
     plot.add_argument("dir")
 
-    show = sub.add_parser("config", help="print an experiment's default config (the keys --set accepts)")
+    from . import compare as compare_module
+    from . import sweep as sweep_module
+
+    sweep = sub.add_parser("sweep", help="run the product of --grid values, one run directory per point")
+    sweep_module.add_arguments(sweep)
+
+    compare = sub.add_parser("compare", help="overlay runs' curves against ln(n/L), labelled by config differences")
+    compare_module.add_arguments(compare)
+
+    export = sub.add_parser("export", help="convert a run (or each run of a sweep) to TensorBoard event files")
+    export.add_argument("dir", help="run directory or sweep directory")
+    export.add_argument("--tensorboard", metavar="OUT", required=True,
+                        help="write TensorBoard event files into OUT (a sweep: OUT/POINT)")
+    export.add_argument("--force", action="store_true", help="replace the event files in a non-empty OUT")
+
+    show = sub.add_parser("config", help="every key --set accepts: section, type, default and meaning")
     show.add_argument("experiment")
 
     verify = sub.add_parser("verify", help="check the paper's theorems on seeded runs against independent references")
@@ -85,79 +101,147 @@ def _print_summary(summary: dict, out) -> None:
     print(f"{out}: " + " ".join(parts), flush=True)
 
 
+def _print_stop(summary: dict) -> None:
+    """A run that ended on a stall says why, even with --quiet (its numbers are not converged)."""
+    if summary.get("stop_message"):
+        print(f"diralign: stopped ({summary.get('stop_reason')}): {summary['stop_message']}", file=sys.stderr, flush=True)
+
+
 def _plot(out, quiet: bool) -> None:
-    from .plots import plot_run
+    from .figures import plot_run
 
     paths = plot_run(out)
     if not quiet:
         print(f"figures: {len(paths)} files in {out}", flush=True)
 
 
-def dispatch(args) -> int:
+def _run(args):
     from . import runner
+    from .config import apply_overrides
+    from .distributed import coordinator_for
+    from .experiments import get_experiment
+
+    experiment = get_experiment(args.experiment)
+    out = args.out or _default_out(args.experiment)
+    overrides = list(args.overrides) + (["download=true"] if args.download else [])
+    config = apply_overrides(experiment.default_config(), overrides)  # parsed and validated once
+    coordinator = coordinator_for("run", config.distributed, config.device, out)
+    summary, _, _ = runner.start_run(experiment, config, out, force=args.force, quiet=args.quiet, coordinator=coordinator)
+    return out, summary, coordinator
+
+
+def _resume(args):
+    from . import runner
+    from .distributed import coordinator_for
+    from .rundir import Run
+
+    run = Run(args.dir)
+    device = run.config.get("device", "cpu")
+    coordinator = coordinator_for("resume", True, device if isinstance(device, str) else "cpu", args.dir)
+    summary, _, _ = runner.resume_run(args.dir, quiet=args.quiet, coordinator=coordinator)
+    return args.dir, summary, coordinator
+
+
+def _show_config(name: str) -> int:
+    from .config import describe, format_description
+    from .experiments import get_experiment
+
+    experiment = get_experiment(name)
+    print(format_description(describe(experiment.Config, experiment.name)))
+    return 0
+
+
+def dispatch(args) -> int:
     from .trainer import Interrupted
 
-    distributed = None
-    if getattr(args, "command", None) in ("run", "resume"):
-        from .distributed import maybe_init
+    if args.command == "plot":
+        from .figures import plot_run
 
-        distributed = maybe_init(args)
+        for path in plot_run(args.dir):
+            print(path)
+        return 0
+    if args.command == "verify":
+        from .verify import main as verify_main
+
+        return verify_main(args)
+    if args.command == "bench":
+        from .bench import main_from_args
+
+        return main_from_args(args)
+    if args.command == "config":
+        return _show_config(args.experiment)
+    if args.command == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(args)
+    if args.command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(args)
+    if args.command == "export":
+        from .tensorboard import export_many
+
+        for path in export_many(args.dir, args.tensorboard, force=args.force):
+            print(path)
+        return 0
+    if args.command == "run" and not args.out:
+        args.out = _default_out(args.experiment)
+    out = args.out if args.command == "run" else args.dir
     try:
-        if args.command == "run":
-            out = args.out or _default_out(args.experiment)
-            overrides = list(args.overrides)
-            if args.download:
-                overrides.append("download=true")
-            summary, _, _ = runner.start_run(args.experiment, overrides, out, force=args.force, quiet=args.quiet, distributed=distributed)
-        elif args.command == "resume":
-            out = args.dir
-            summary, _, _ = runner.resume_run(out, quiet=args.quiet, distributed=distributed)
-        elif args.command == "plot":
-            from .plots import plot_run
-
-            for path in plot_run(args.dir):
-                print(path)
-            return 0
-        elif args.command == "verify":
-            from .verify import main as verify_main
-
-            return verify_main(args)
-        elif args.command == "bench":
-            from .bench import main_from_args
-
-            return main_from_args(args)
-        elif args.command == "config":
-            import dataclasses
-            from .experiments import get_experiment
-
-            for field in dataclasses.fields(get_experiment(args.experiment).Config):
-                print(f"{field.name} = {getattr(get_experiment(args.experiment).default_config(), field.name)!r}")
-            return 0
-        else:  # pragma: no cover - argparse guards this
-            raise UserError(f"unknown command {args.command}")
+        out, summary, coordinator = _run(args) if args.command == "run" else _resume(args)
     except Interrupted as exc:
-        if distributed is None or distributed.rank == 0:  # one message for all ranks
+        if os.environ.get("RANK", "0") == "0":  # one message for all ranks of a torchrun launch
             print(f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}", file=sys.stderr)
         return 130
-    is_writer = distributed is None or distributed.rank == 0
-    if is_writer:
+    if coordinator is None or coordinator.is_writer:
         if not args.quiet:
             _print_summary(summary, out)
+        _print_stop(summary)
         if not args.no_plot:
             _plot(out, args.quiet)
     return 0
 
 
+def _terminate_as_interrupt(signum, frame):
+    # Until the trainer installs its own handler (and after it restores this one), SIGTERM
+    # unwinds like Ctrl-C: a half-built run directory is removed on the way out.
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    # Known before parsing: building the parser imports the experiments (and torch).
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
         return dispatch(_parser().parse_args(argv))
     except UserError as exc:
         print(f"diralign: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diralign: interrupted", file=sys.stderr)
+        if command in ("run", "resume"):
+            # Before training began (the trainer turns later signals into a checkpoint and
+            # Interrupted): nothing was written, or a half-built run was removed.
+            print("diralign: interrupted before training began; nothing on disk was changed", file=sys.stderr)
+        else:
+            print("diralign: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        from .rundir.disk import DISK_ERRNOS, reason
+
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"diralign: error: cannot access{where}: {reason(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,8 +17,10 @@ grows with the step: this is what stalled a prototype past ``s ~ 1000`` (measure
 width 1000, rtol 1e-6: from ``s`` = 300 to 1000 difference quotients took 134,761
 evaluations and ended 1e-3 off in alignment; Hessian-vector products 765).  Early on
 difference quotients are cheaper (one gradient, not a Hessian-vector product costing 2-3),
-so ``cvode_jacobian=auto`` uses them while ``k s rtol <= DQ_LIMIT``.  Chunked or distributed
-problems, whose oracle only combines gradients, always use difference quotients.
+so ``cvode_jacobian=auto`` uses them while ``k s rtol <= DQ_LIMIT``.  Chunked and distributed
+problems get the same exact products (:meth:`~diralign.problem.Problem.curvature` combines the
+pieces' ``H_c v`` in log space like their gradients), so a run on ``W`` processes follows the
+same Newton iterations as one process with ``chunk_size = n/W``, bit for bit.
 
 **Tolerances.**  ``rtol`` is relative to each weight and, as a floor, to the RMS weight
 (``atol`` is raised to ``rtol * ||W||/sqrt(P)``): errors that small in weights far below the
@@ -52,13 +54,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..options import Options, option
+from ..runtime import RuntimeOptions
 from .base import Dynamics, StepResult, finite
+from .flow import FlowOptions
 
 JACOBIANS = ("auto", "hvp", "dq")
 S_TIGHTEN = 1000.0  # beyond this s the relative tolerance shrinks like S_TIGHTEN / s ...
@@ -85,13 +91,30 @@ def output_spacing(s: float, log_spacing: float) -> float:
     return min(log_spacing, power_of_two_below(max(abs(s), 1.0) / OUTPUTS_PER_OCTAVE))
 
 
+@dataclass
+class CvodeOptions(Options):
+    SECTION = "dynamics: flow/cvode"
+    cvode_segment: float = option(4.0, "segment length as a multiple of s (restart cost against replay on resume)")
+    cvode_jacobian: str = option("auto", "J*v by Hessian-vector products (hvp), difference quotients (dq), or dq early then hvp")
+    cvode_krylov_dim: int = option(20, "GMRES Krylov dimension")
+
+    def validate(self) -> None:
+        if not self.cvode_segment > 0:
+            raise UserError(f"cvode_segment must be positive (a fraction of s), got {self.cvode_segment}")
+        if self.cvode_krylov_dim < 1:
+            raise UserError(f"cvode_krylov_dim must be a positive integer, got {self.cvode_krylov_dim}")
+        if self.cvode_jacobian not in JACOBIANS:
+            raise UserError(f"cvode_jacobian must be one of {', '.join(JACOBIANS)}, got {self.cvode_jacobian!r}")
+
+
 class SClockSystem:
     """``dW/ds = -g/||g||^2`` and its exact Jacobian-vector product, on CVODE's arrays.
 
     CVODE hands numpy views of its own vectors; they become torch tensors without a copy
     (``torch.from_numpy``), and results are written straight into CVODE's output arrays.
-    The one copy left is the point whose graph is kept for Hessian-vector products: CVODE
-    reuses its work vectors, and a graph must not see its inputs change underneath it.
+    The one copy left is the point whose graph is kept for Hessian-vector products
+    (:meth:`~diralign.problem.Problem.curvature` makes it): CVODE reuses its work vectors, and
+    a graph must not see its inputs change underneath it.
     """
 
     def __init__(self, problem):
@@ -100,6 +123,10 @@ class SClockSystem:
         self.cpu64 = problem.dtype == torch.float64 and problem.device.type == "cpu"
         self.graph = None  # (w, g, g_detached, gg) at the last right-hand side (hvp mode)
         self.rhs_evals = self.graph_evals = self.hvp_evals = 0
+        # Called before every evaluation; raising StepAborted inside a CVODE callback
+        # propagates out of the solve (scikit-sundae re-raises it), abandoning the segment.
+        self.check_abort = lambda: None
+        self.observe = lambda log_risk: None  # each right-hand side's log L (the stall goal)
 
     @property
     def grad_evals(self) -> int:
@@ -119,23 +146,22 @@ class SClockSystem:
         else:
             target.copy_((value * scale).to(device="cpu", dtype=torch.float64))
 
-    def _gradient_graph(self, y: np.ndarray):
-        w = self._torch(y)
-        w = (w.clone() if self.cpu64 else w).requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.problem.log_risk_fn(w), w, create_graph=True)
-        gd = g.detach()
-        return w, g, gd, float(torch.dot(gd, gd))
+    def _curvature(self, y: np.ndarray):
+        # (curvature() copies the point: CVODE reuses its work vectors under the graph)
+        return self.problem.curvature(self._torch(y))
 
     def rhs(self, t, y, yp) -> None:
+        self.check_abort()
         self.rhs_evals += 1
         if self.exact:
-            self.graph = self._gradient_graph(y)
-            gd, gg = self.graph[2], self.graph[3]
+            self.graph = self._curvature(y)
+            gd, log_risk = self.graph.grad, self.graph.log_risk
         else:
             self.graph = None
-            gd = self.problem.evaluate(self._torch(y)).grad
-            gg = float(torch.dot(gd, gd))
+            ev = self.problem.evaluate(self._torch(y))
+            gd, log_risk = ev.grad, ev.log_risk
+        self.observe(log_risk)
+        gg = float(torch.dot(gd, gd))
         if not (gg > 0 and math.isfinite(gg)):
             # CVODE treats a non-finite derivative as a failed step and retries smaller.
             yp[:] = np.nan
@@ -144,15 +170,16 @@ class SClockSystem:
 
     def jac_setup(self, t, y, fy) -> None:
         # CVODE calls rhs(ynow) right before it: reuse that graph when it is the same point.
-        if self.graph is None or not torch.equal(self.graph[0].detach(), self._torch(y)):
+        if self.graph is None or not torch.equal(self.graph.w, self._torch(y)):
+            self.check_abort()
             self.graph_evals += 1
-            self.graph = self._gradient_graph(y)
+            self.graph = self._curvature(y)
 
     def hvp_works(self, w: torch.Tensor) -> bool:
         """Can this model be differentiated twice (custom autograd functions may not)?"""
         try:
-            graph = self._gradient_graph(w.detach().to(device="cpu", dtype=torch.float64).numpy())
-            (hv,) = torch.autograd.grad(graph[1], graph[0], torch.ones_like(graph[0]))
+            graph = self._curvature(w.detach().to(device="cpu", dtype=torch.float64).numpy())
+            hv = graph.hvp(torch.ones_like(graph.grad))
             return bool(torch.isfinite(hv).all())
         except RuntimeError:
             return False
@@ -160,9 +187,12 @@ class SClockSystem:
             self.graph = None
 
     def jac_times(self, t, y, fy, v, Jv) -> None:
+        self.check_abort()
         self.hvp_evals += 1
-        w, g, gd, gg = self.graph
-        (hv,) = torch.autograd.grad(g, w, self._torch(v), retain_graph=True)
+        graph = self.graph
+        gd = graph.grad
+        gg = float(torch.dot(gd, gd))
+        hv = graph.hvp(self._torch(v))
         jv = hv.add_(gd, alpha=-2.0 * float(torch.dot(gd, hv)) / gg)
         self._write(Jv, jv, -1.0 / gg)
 
@@ -175,24 +205,14 @@ class CvodeFlow(Dynamics):
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
-        self.rtol = float(config.rtol)
-        self.atol = float(config.atol)
-        if not (0 < self.rtol < 1) or self.atol < 0:
-            raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={config.rtol}, atol={config.atol})")
-        self.fraction = float(getattr(config, "cvode_segment", 4.0))
-        if not self.fraction > 0:
-            raise UserError(f"cvode_segment must be positive (a fraction of s), got {self.fraction}")
-        self.krylov_dim = int(getattr(config, "cvode_krylov_dim", 20))
-        if self.krylov_dim < 1:
-            raise UserError(f"cvode_krylov_dim must be a positive integer, got {self.krylov_dim}")
-        jacobian = str(getattr(config, "cvode_jacobian", "auto"))
-        if jacobian not in JACOBIANS:
-            raise UserError(f"cvode_jacobian must be one of {', '.join(JACOBIANS)}, got {jacobian!r}")
-        chunked = bool(problem.chunk_size) and problem.chunk_size < problem.X.shape[0]
-        if chunked or problem.reducer is not None:
-            jacobian = "dq"  # the oracle of chunked/sharded problems combines gradients only
-        self.jacobian = jacobian
+        flow, options = FlowOptions.from_config(config), CvodeOptions.from_config(config)
+        self.rtol, self.atol = flow.rtol, flow.atol
+        self.fraction = options.cvode_segment
+        self.krylov_dim = options.cvode_krylov_dim
+        self.jacobian = options.cvode_jacobian
         self.system = SClockSystem(problem)
+        self.system.check_abort = self.check_abort
+        self.system.observe = lambda log_risk: self.observe is not None and self.observe(log_risk)
         self.hvp_ok: Optional[bool] = None
         self.segment: Optional[dict] = None  # start, end, outputs returned (checkpointed)
         self.solver = None
@@ -202,7 +222,7 @@ class CvodeFlow(Dynamics):
         # One intra-op thread unless ``threads`` is set: CVODE's evaluations are sequential and
         # small, and on a shared 2-core machine two OpenMP threads spin at every barrier
         # (measured, Fig. 1 width 10,000 under load: 137 ms per evaluation, against 3 ms).
-        self.single_thread = int(getattr(config, "threads", 0) or 0) == 0 and problem.device.type == "cpu"
+        self.single_thread = RuntimeOptions.from_config(config).threads == 0 and problem.device.type == "cpu"
 
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -266,14 +286,13 @@ class CvodeFlow(Dynamics):
         if self.hvp_ok is None:  # a one-off probe, not counted in grad_evals
             self.hvp_ok = self.system.hvp_works(self.segment["w0"])
             if not self.hvp_ok:
-                warnings.warn("cvode flow: the model cannot be differentiated twice; using difference quotients for J*v")
+                warnings.warn("cvode flow: the model cannot be differentiated twice; using difference quotients for J*v", stacklevel=2)
         return self.hvp_ok
 
     def _log_spacing(self, target: Optional[float]) -> float:
-        spacing = float(getattr(self.config, "log_every_ln", 0.0) or 0.0)
-        if spacing > 0:
-            return spacing
-        return max(float(target) / 200.0, 1e-3) if target is not None else math.inf
+        # The trainer's log spacing (Dynamics.log_spacing), not one derived from the target
+        # of this step: a step may be asked to land on a milestone far below the run's goal.
+        return self.log_spacing
 
     def _start(self, w: torch.Tensor, ev, target: Optional[float], end: Optional[float] = None) -> None:
         s0 = math.log(self.problem.n) - ev.log_risk
@@ -301,8 +320,12 @@ class CvodeFlow(Dynamics):
         self.solver = self._new_solver()
         self.solver.init_step(seg["s0"], seg["w0"].numpy())
         y = seg["w0"].numpy()
-        for t_out, tstop in seg["times"]:
-            y = self._advance(t_out, tstop)
+        self.replaying = True
+        try:
+            for t_out, tstop in seg["times"]:
+                y = self._advance(t_out, tstop)
+        finally:
+            self.replaying = False
         self.replayed_grad_evals += self.system.grad_evals - before
         seg.pop("replay", None)
         replayed = torch.from_numpy(np.array(y)).to(w.dtype)
