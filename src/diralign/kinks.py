@@ -214,6 +214,16 @@ class KinkMode(TorchFunctionMode):
         return (out, ind) if want_indices else out
 
 
+SUPPORTED = {"ReLU", "relu", "relu_", "MaxPool2d", "max_pool2d"}
+
+
+def unsupported_kinks(model) -> list[str]:
+    """Kinked operations of ``model`` that :class:`KinkMode` does not follow."""
+    from .models.structure import nonsmooth_operations
+
+    return [name for name in nonsmooth_operations(model) if name not in SUPPORTED]
+
+
 def relu_crossings(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
     """Flat indices of ReLU inputs whose sign changed (zero counts as the negative side)."""
     return ((z0 > 0) != (z1 > 0)).reshape(-1).nonzero().flatten()

@@ -61,6 +61,7 @@ class FieldPoint:
     delta: torch.Tensor = None  # backward signals at the sliding units' outputs
     sites: list = field(default_factory=list)  # watch-list records of this forward
     grad_evals: float = 0.0  # gradient-equivalents spent on this point
+    lam_in: Optional[dict] = None  # the multiplier prediction it started from (exact resume)
 
     @property
     def correct(self) -> int:
@@ -92,9 +93,12 @@ class SlidingField:
         self._lam: Optional[torch.Tensor] = None
         self._lam_keys: list = []
         self.last_residual = 0.0
+        self.before_forward = None  # called before every pass (the dynamics' abort check)
 
     # -- forward passes -----------------------------------------------------------------
     def _forward(self, w: torch.Tensor, sliding: Optional[KinkSet], graph: bool, record: bool = True):
+        if self.before_forward is not None:
+            self.before_forward()
         problem = self.problem
         mode = KinkMode(sliding, record=record)
         if graph:
@@ -117,7 +121,27 @@ class SlidingField:
         return float(log_risk), margins, mode.sites
 
     # -- the field ------------------------------------------------------------------------
+    def lam_state(self) -> dict:
+        return {"lam": None if self._lam is None else self._lam.clone(), "keys": list(self._lam_keys)}
+
+    def load_lam_state(self, state: Optional[dict]) -> None:
+        state = state or {"lam": None, "keys": []}
+        self._lam = None if state["lam"] is None else state["lam"].clone()
+        self._lam_keys = [tuple(k) for k in state["keys"]]
+
+    def refresh_normals(self, w: torch.Tensor, sites: list[Site]) -> float:
+        N, spent = self.normals_at(w, sites)
+        self.gram_chol = gram_cholesky(N)
+        self.normals, self.normals_w = N, w.detach().clone()
+        return spent
+
     def evaluate(self, w: torch.Tensor) -> FieldPoint:
+        lam_in = self.lam_state()
+        point = self._evaluate(w)
+        point.lam_in = lam_in
+        return point
+
+    def _evaluate(self, w: torch.Tensor) -> FieldPoint:
         sliding = self.sliding if len(self.sliding) else None
         wg, log_risk, margins, mode = self._forward(w, sliding, graph=True)
         if sliding is None:
@@ -220,9 +244,7 @@ class SlidingField:
     def _gram(self, w: torch.Tensor, sites: list[Site]) -> tuple[torch.Tensor, float]:
         spent = 0.0
         if self.gram_chol is None or self.gram_chol.shape[0] != len(self.sliding):
-            N, spent = self.normals_at(w, sites)
-            self.gram_chol = gram_cholesky(N)
-            self.normals, self.normals_w = N, w.detach().clone()
+            spent = self.refresh_normals(w, sites)
         return self.gram_chol, spent
 
     def normals_at(self, w: torch.Tensor, sites: list[Site], kinks: Optional[KinkSet] = None) -> tuple[torch.Tensor, float]:

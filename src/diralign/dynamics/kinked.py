@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from ..kinks import KinkSet, pool_crossings, relu_crossings
+from ..kinks import KinkSet, pool_crossings, relu_crossings, unsupported_kinks
 from ..problem import Evaluation
 from ..sliding import FieldPoint, SlidingField, project
 from .base import Dynamics, StepResult
-from .flow import _A, _C, _E
+from .flow import _A, _C, _E, FlowOptions
 
 DEBUG = False
 RELEASE_MARGIN = 1e-9  # theta this far outside [0, 1] releases a kink
@@ -55,12 +55,17 @@ class SlidingFlow(Dynamics):
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
-        self.rtol = float(config.rtol)
-        self.atol = float(config.atol)
-        if not (0 < self.rtol < 1) or self.atol < 0:
-            raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={config.rtol}, atol={config.atol})")
+        options = FlowOptions.from_config(config)
+        self.rtol, self.atol = options.rtol, options.atol
+        unsupported = unsupported_kinks(problem.model)
+        if unsupported:
+            raise UserError(
+                f"integrator=sliding handles ReLU and 2-D max-pool kinks only; this model also has {', '.join(unsupported)} "
+                "(use integrator=cvode or dopri5, or dynamics=gd)"
+            )
         self.field = SlidingField(problem)
         self.field.tolerance = 0.1 * self.rtol
+        self.field.before_forward = self.check_abort  # budgets and signals act between passes
         self.h: Optional[float] = None
         self.point: Optional[FieldPoint] = None
         self._spent = 0.0  # fractional gradient-equivalents not yet reported
@@ -70,40 +75,78 @@ class SlidingFlow(Dynamics):
         self.stats = {k: 0.0 for k in ("accepted", "rejected", "events", "accepted_with_cross", "rejected_with_cross")}
         self._cut_from: Optional[float] = None  # the step size before an event cut
         self._probes = None  # directional derivatives of the kink sites along random directions
+        self._probe_w: Optional[torch.Tensor] = None
         self._probe_age = 0
 
     # -- checkpoint -------------------------------------------------------------------
+    # Everything the next step reads, so that a resumed run takes the same steps: the point's
+    # own evaluation is redone from the same inputs (multipliers it started from, normals
+    # recomputed where they were last computed, probes where they were last drawn).
     def state_dict(self) -> dict:
-        p = self.point
+        field = self.field
         return {
             "h": self.h,
-            "sliding": self.field.sliding.state(),
-            "gram_chol": self.field.gram_chol,
-            "point": None if p is None else {"h": p.h, "lam": p.lam, "theta": p.theta, "delta": p.delta},
+            "sliding": field.sliding.state(),
+            "normals_w": field.normals_w if field.gram_chol is not None else None,
+            "lam": field.lam_state(),
+            "point_lam_in": None if self.point is None else self.point.lam_in,
+            "probe_w": self._probe_w,
+            "probe_age": self._probe_age,
+            "cut": (self._cut_from, self._short_cuts),
             "spent": self._spent,
             "events": dict(self.events),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        field = self.field
         self.h = state["h"]
-        self.field.sliding = KinkSet.from_state(state["sliding"])
-        self.field.gram_chol = state["gram_chol"]
-        self._resume_point = state.get("point")
+        field.sliding = KinkSet.from_state(state["sliding"])
+        field.gram_chol = field.normals = None
+        self._normals_w = state.get("normals_w")
+        field.load_lam_state(state.get("lam"))
+        self._resume_lam_in = state.get("point_lam_in")
+        self._probe_w, self._probe_age = state.get("probe_w"), int(state.get("probe_age", 0))
+        self._probes = None
+        self._cut_from, self._short_cuts = state.get("cut", (None, 0))
         self._spent = float(state.get("spent", 0.0))
         self.events = dict(state.get("events", self.events))
         self.point = None
 
+    def report(self) -> dict:
+        return {
+            "kink_events": dict(self.events),
+            "sliding_kinks": len(self.field.sliding),
+        }
+
     # -- helpers ------------------------------------------------------------------------
     def _point_at(self, w: torch.Tensor, ev: Evaluation) -> FieldPoint:
-        """The FSAL point at ``w``: kept from the last step, rebuilt from a checkpoint, or new."""
+        """The FSAL point at ``w``: kept from the last step, or evaluated afresh (after a resume
+        or an aborted step, from the inputs the original evaluation had)."""
         if self.point is not None and torch.equal(self.point.w, w):
             return self.point
-        saved = getattr(self, "_resume_point", None)
-        self._resume_point = None
-        if saved is not None and ev.grad is not None:
-            _, _, sites = self.field.watch(w)
-            return FieldPoint(w, ev.log_risk, ev.margins, ev.grad, saved["h"], saved["lam"], saved["theta"], saved["delta"], sites, 1.0 / 3.0)
-        return self.field.evaluate(w)
+        field = self.field
+        normals_w = getattr(self, "_normals_w", None)
+        if normals_w is not None and len(field.sliding):
+            _, _, sites = field.watch(normals_w)
+            field.refresh_normals(normals_w, sites)
+        self._normals_w = None
+        if self._probe_w is not None and self._probes is None:
+            self._probes, _ = field.probe_normals(self._probe_w, seed=0)
+        lam_in = getattr(self, "_resume_lam_in", None)
+        self._resume_lam_in = None
+        after = field.lam_state()
+        if lam_in is not None:
+            field.load_lam_state(lam_in)
+        point = self._eval(w)
+        if lam_in is not None:
+            field.load_lam_state(after)
+        return point
+
+    def _eval(self, w: torch.Tensor) -> FieldPoint:
+        point = self.field.evaluate(w)
+        if self.observe is not None:  # the trainer's stall goal counts progress inside steps
+            self.observe(point.log_risk)
+        return point
 
     def _error_norm(self, err: torch.Tensor, w: torch.Tensor, w_new: torch.Tensor) -> float:
         # Relative to each weight, floored at rtol * RMS weight: errors far below the typical
@@ -134,9 +177,10 @@ class SlidingFlow(Dynamics):
         rejected = 0
         near_captures = 0
         if self._probes is None or self._probe_age >= PROBE_EVERY:
-            self._probes, spent = self.field.probe_normals(p0.w, seed=self._probe_age)
-            cost += spent
             self._probe_age = 0
+            self._probes, spent = self.field.probe_normals(p0.w, seed=0)
+            self._probe_w = p0.w.detach().clone()
+            cost += spent
         self._probe_age += 1
         while True:
             s_now = math.log(problem.n) - p0.log_risk
@@ -151,7 +195,7 @@ class SlidingFlow(Dynamics):
             attempt_cost = cost
             for i in range(1, 7):
                 w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
-                stage = self.field.evaluate(w_stage)
+                stage = self._eval(w_stage)
                 cost += stage.grad_evals
                 if not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all())) or float(stage.v.norm()) == 0:
                     ok = False
@@ -264,7 +308,7 @@ class SlidingFlow(Dynamics):
         field.sliding = field.sliding.union(kinks)
         field.gram_chol = None
         w, cost = project(field, p.w, p.sites)
-        p = field.evaluate(w)
+        p = self._eval(w)
         p, spent, _ = self._settle(p, cost + p.grad_evals)
         return p, spent
 
@@ -286,7 +330,7 @@ class SlidingFlow(Dynamics):
             field.gram_chol = None
             self.events["released"] += 1
             released = True
-            p = field.evaluate(p.w)
+            p = self._eval(p.w)
             cost += p.grad_evals
         return p, cost, released
 
