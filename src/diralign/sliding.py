@@ -163,7 +163,8 @@ class SlidingField:
         delta = sliding_signals(self.sliding, mode.sites)
         cost += 1.0
         N0 = self.normals
-        for attempt in range(3):
+        previous = math.inf
+        for attempt in range(5):
             resid = self._directional(w, v, hd) - self.kappa * float(torch.dot(v, v)) * hd
             cost += self.FORWARD
             dlam = torch.cholesky_solve(resid[:, None], chol)[:, 0]
@@ -172,6 +173,9 @@ class SlidingField:
             self.last_residual = normal / max(float(v.norm()), 1e-300)
             if self.last_residual <= self.tolerance:
                 break
+            if attempt >= 2 and normal > 0.3 * previous:
+                self.gram_chol = None  # N N^T has gone stale: the iteration contracts slowly
+            previous = normal
             lam = lam + dlam
             if attempt == 0:
                 v = v - N0.T @ dlam
@@ -179,7 +183,6 @@ class SlidingField:
                 (pull,) = torch.autograd.grad(h, wg, grad_outputs=dlam, retain_graph=True)
                 cost += 2.0 / 3.0
                 v = v - pull
-                self.gram_chol = None  # the stored normals are stale: refresh at the next point
         self._remember(lam)
         theta = self._theta(lam, delta)
         return FieldPoint(w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost)
