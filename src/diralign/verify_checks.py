@@ -150,7 +150,9 @@ class RunData(Run):
         below = self.log["below_loss_at_zero"].to_numpy() > 0
         if not below.any():
             return math.inf
-        return max(float(self.s[np.argmax(below)]), 1.0)
+        # A flow started late (flow_from_ln): the decades count from where it took over.
+        start = self.summary.get("faithful_from_ln_n_over_L") or 0.0
+        return max(float(self.s[np.argmax(below)]), 1.0, float(start))
 
 
 @dataclass

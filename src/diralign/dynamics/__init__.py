@@ -18,6 +18,7 @@ from .cvode import CvodeFlow, CvodeOptions
 from .flow import Dopri5Flow, FlowOptions
 from .gd import NormalizedGD, StepOptions
 from .kinked import SlidingFlow
+from .warm import WarmStartFlow
 from .loss_based import LossBasedGD
 from .sgd import MinibatchSGD, SGDOptions
 
@@ -49,7 +50,9 @@ OPTIONS = (DynamicsChoice, FlowOptions, CvodeOptions, StepOptions, SGDOptions, C
 def make_dynamics(problem, config) -> Dynamics:
     name = DynamicsChoice.from_config(config).dynamics
     if name == "flow":
-        return FLOW_INTEGRATORS[flow_integrator(problem.model, config)](problem, config)
+        flow = FLOW_INTEGRATORS[flow_integrator(problem.model, config)](problem, config)
+        start = FlowOptions.from_config(config).flow_from_ln
+        return flow if start is None else WarmStartFlow(problem, config, flow, start)
     return DYNAMICS[name](problem, config)
 
 

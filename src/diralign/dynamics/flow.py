@@ -39,11 +39,17 @@ class FlowOptions(Options):
         "sliding (event-aware Filippov flow for kinks)",
     )
     rtol: float = option(1e-6, "relative tolerance of the flow integrator")
+    flow_from_ln: Optional[float] = option(
+        None, "start the flow at this ln(n/L), normalised gd getting there first (none: from initialisation); "
+        "the summary's faithful_from_ln_n_over_L says where it started"
+    )
     atol: float = option(1e-10, "absolute tolerance floor of the flow integrator")
 
     def validate(self) -> None:
         if self.integrator not in INTEGRATORS:
             raise UserError(f"unknown integrator {self.integrator!r}; choose one of {', '.join(INTEGRATORS)}")
+        if self.flow_from_ln is not None and not math.isfinite(self.flow_from_ln):
+            raise UserError(f"flow_from_ln must be a finite ln(n/L) or none, got {self.flow_from_ln}")
         if not (0 < self.rtol < 1) or not self.atol >= 0:
             raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={self.rtol}, atol={self.atol})")
 

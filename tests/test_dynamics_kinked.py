@@ -1,0 +1,335 @@
+"""The sliding (Filippov) flow of ReLU / max-pool networks: its kink bookkeeping, its velocity
+on switching surfaces, its integrator's contracts, and its faithfulness against references
+that need no new machinery: explicit Euler in the clock s = ln(n/L) (gd with a fixed,
+small step), on a hand-written numpy gradient where the network is small enough to write one.
+
+Faithful cases start from a point that the project's gd brought to s0 (cheap) and compare at
+matched ln(n/L) = 30: the direction W/||W|| to 1e-4, the alignment cos(W, dW/dt) to 1e-3
+(the reference's from the central secant of its path, which averages its chattering across
+the sliding surfaces), with at most a tenth of the reference's gradient evaluations.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diralign.config import TrainConfig, apply_overrides
+from diralign.dynamics import StepAborted, flow_integrator, make_dynamics
+from diralign.dynamics.gd import NormalizedGD
+from diralign.dynamics.kinked import SlidingFlow
+from diralign.experiments import get_experiment
+from diralign.kinks import KinkMode, KinkSet
+from diralign.problem import Problem
+from diralign.sliding import SlidingField, project
+
+SLIDING = dataclasses.replace(TrainConfig(), integrator="sliding", rtol=1e-6, atol=1e-12)
+
+
+# -- problems ------------------------------------------------------------------------------
+def relu_twin(n=20, width=20, seed=0):
+    """verify's ReLU twin of S-ReLU: x -> sum_j (-1)^j relu(<w_j, x>) on planar teacher data."""
+    experiment = get_experiment("srelu")
+    config = apply_overrides(experiment.default_config(), [f"n={n}", f"width={width}", "activation=relu", f"seed={seed}"])
+    setup = experiment.setup(config, torch.float64, torch.device("cpu"))
+    return setup.problem, setup.w0
+
+
+class BiasFreeMLP(torch.nn.Module):
+    homogeneity_degree = 3
+
+    def __init__(self, d, hidden, seed):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.l1 = torch.nn.Linear(d, hidden, bias=False)
+        self.l2 = torch.nn.Linear(hidden, hidden, bias=False)
+        self.l3 = torch.nn.Linear(hidden, 1, bias=False)
+        with torch.no_grad():
+            for layer in (self.l1, self.l2, self.l3):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) / math.sqrt(layer.weight.shape[1]))
+
+    def forward(self, x):
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+
+def relu_mlp(n=16, d=4, hidden=8, seed=0):
+    from diralign.data import separable_gaussian
+
+    X, y = separable_gaussian(n, d, 0.1, seed, dtype=torch.float64)[:2]
+    model = BiasFreeMLP(d, hidden, seed + 1).double()
+    problem = Problem(model, X, y, "logistic", degree=3)
+    return problem, problem.flat_params()
+
+
+def alexnet16(n=16, seed=0):
+    from diralign.data.images import digits
+    from diralign.models import build_model
+
+    data = digits(subset=n, seed=seed, size=16, dtype=torch.float64)
+    torch.manual_seed(seed + 1)
+    model = build_model("h-alexnet", num_classes=10, in_shape=(3, 16, 16)).double()
+    problem = Problem(model, data.X, torch.as_tensor(data.y, dtype=torch.int64), "cross-entropy", degree=5)
+    return problem, problem.flat_params()
+
+
+def s_of(problem, log_risk):
+    return math.log(problem.n) - log_risk
+
+
+def gd_to(problem, w, s0):
+    """The project's normalised GD, to ln(n/L) >= s0: a cheap common starting point."""
+    dyn = NormalizedGD(problem, TrainConfig())
+    ev = problem.evaluate(w)
+    while s_of(problem, ev.log_risk) < s0:
+        result = dyn.step(w, ev)
+        w, ev = result.w, result.ev
+    return w
+
+
+def sliding_to(problem, w, target, **options):
+    dyn = SlidingFlow(problem, dataclasses.replace(SLIDING, **options))
+    ev = problem.evaluate(w)
+    evals = 1
+    while s_of(problem, ev.log_risk) < target - 1e-12:
+        result = dyn.step(w, ev, target=target)
+        w, ev = result.w, result.ev
+        evals += result.grad_evals
+    return w, ev, evals, dyn
+
+
+def alignment(w, velocity):
+    return float(torch.dot(w, velocity) / (w.norm() * velocity.norm()))
+
+
+# -- references: Euler in the s clock -----------------------------------------------------
+def euler_s(grad_and_log_risk, w, n, h, target, state=None):
+    """``W <- W - h g/||g||^2`` until ln(n/L) = target (the last steps shortened to land on it).
+    ``state``: ``(g, log L)`` at ``w`` when continuing a run."""
+    g, lr = grad_and_log_risk(w) if state is None else state
+    steps = 1 if state is None else 0
+    while math.log(n) - lr < target - 1e-12:
+        step = min(h, target - (math.log(n) - lr))
+        w = w - step * g / float((g * g).sum())
+        g, lr = grad_and_log_risk(w)
+        steps += 1
+    return w, steps, (g, lr)
+
+
+def reference(grad_and_log_risk, w0, n, h, target, secant=0.02):
+    """Direction at ``target``, alignment from the central secant W(s+d) - W(s-d), evaluations
+    to ``target``."""
+    before, steps, state = euler_s(grad_and_log_risk, w0, n, h, target - secant)
+    w, more, state = euler_s(grad_and_log_risk, before, n, h, target, state)
+    after, _, _ = euler_s(grad_and_log_risk, w, n, h, target + secant, state)
+    w, v = np.asarray(w, dtype=np.float64), np.asarray(after - before, dtype=np.float64)
+    return w / np.linalg.norm(w), float(w @ v / (np.linalg.norm(w) * np.linalg.norm(v))), steps + more
+
+
+def _log_logistic(p):
+    """log l(p), l(p) = ln(1 + e^{-p}), stable for every finite p."""
+    u = np.exp(-np.abs(p))
+    return np.where(p > 0, -p + np.log(np.log1p(u) / u), np.log(np.log1p(np.exp(-p))))
+
+
+def _weights(p):
+    """d log L / d p_i with log L = logsumexp_i log l(p_i)."""
+    ll = _log_logistic(p)
+    lse = np.logaddexp.reduce(ll)
+    return -np.exp(-np.logaddexp(0.0, p) - lse), lse
+
+
+def numpy_twin(problem):
+    X, y = problem.X.numpy(), problem.y.numpy()
+    signs = problem.model.signs.double().numpy()
+    m = signs.size
+
+    def grad(w):
+        W = w.reshape(m, -1)
+        Z = X @ W.T
+        omega, lse = _weights(y * (np.maximum(Z, 0.0) @ signs))
+        G = ((omega * y)[:, None] * (Z > 0) * signs[None, :]).T @ X
+        return G.reshape(-1), lse
+
+    return grad
+
+
+def numpy_mlp(problem):
+    X, y = problem.X.numpy(), problem.y.numpy()
+    shapes = [tuple(s) for s in problem.shapes]
+    sizes = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+
+    def grad(w):
+        W1, W2, W3 = (w[a:b].reshape(s) for a, b, s in zip(sizes[:-1], sizes[1:], shapes))
+        Z1 = X @ W1.T
+        A1 = np.maximum(Z1, 0.0)
+        Z2 = A1 @ W2.T
+        A2 = np.maximum(Z2, 0.0)
+        f = (A2 @ W3.T)[:, 0]
+        omega, lse = _weights(y * f)
+        c = omega * y  # d log L / d f_i
+        D2 = (Z2 > 0) * W3  # d f / d z2
+        D1 = (Z1 > 0) * (D2 @ W2)  # d f / d z1
+        G3 = (c @ A2)[None, :]
+        G2 = (c[:, None] * D2).T @ A1
+        G1 = (c[:, None] * D1).T @ X
+        return np.concatenate([G1.ravel(), G2.ravel(), G3.ravel()]), lse
+
+    return grad
+
+
+def torch_reference(problem):
+    def grad(w):
+        ev = problem.evaluate(torch.as_tensor(w))
+        return ev.grad, ev.log_risk
+
+    return grad
+
+
+# -- kinks and the sliding field ----------------------------------------------------------
+def test_kink_mode_records_relu_and_pool_sites_and_holds_sliding_kinks():
+    problem, w = alexnet16(n=10)
+    mode = KinkMode()
+    with torch.no_grad(), mode:
+        problem.forward(w, problem.X)
+    kinds = [s.kind for s in mode.sites]
+    assert kinds == ["relu", "pool", "relu", "pool", "relu", "relu"]
+    relu = mode.sites[4]  # fc1's units
+    a = int((relu.z.reshape(-1) > 0).nonzero()[0])
+    held = KinkSet(torch.tensor([relu.index]), torch.tensor([a]), torch.tensor([-1]), torch.tensor([-1]))
+    mode = KinkMode(held)
+    wg = w.detach().requires_grad_(True)
+    with mode:
+        out = problem.forward(wg, problem.X)
+    assert torch.allclose(mode.h, relu.z.reshape(-1)[a:a + 1])
+    # relu'(z) := 0 on a held unit: the output's value is unchanged, its gradient through z is cut.
+    (grad_z,) = torch.autograd.grad(out.sum(), [mode.sites[4].out])
+    assert float(grad_z.reshape(-1)[a]) != 0.0  # the signal at the unit's output exists ...
+    plain = problem.forward(w, problem.X)
+    assert torch.allclose(out, plain)  # ... and the forward value is the network's own
+
+
+def test_sliding_velocity_is_the_projected_gradient_and_is_tangent():
+    """On the surfaces ``z_a = 0`` the velocity is ``-P_T g``: against a dense projection built
+    from the twin's normals by hand (``grad z_ij = x_i`` in neuron j's row)."""
+    problem, w0 = relu_twin()
+    w = gd_to(problem, w0, 8.0)
+    field = SlidingField(problem)
+    z = (problem.X @ w.reshape(20, -1).T).reshape(-1)
+    chosen = torch.argsort(z.abs())[:4]  # hold the four units nearest a kink
+    field.sliding = KinkSet(torch.zeros(4, dtype=torch.long), chosen, torch.full((4,), -1), torch.full((4,), -1))
+    _, _, sites = field.watch(w)
+    w, _ = project(field, w, sites)
+    point = field.evaluate(w)
+    N = torch.zeros(4, w.numel(), dtype=torch.float64)
+    for row, a in enumerate(chosen.tolist()):
+        i, j = divmod(a, 20)
+        N[row, j * 3:(j + 1) * 3] = problem.X[i]
+    assert float((N @ w).abs().max()) < 1e-13  # on the surfaces
+    g = problem.evaluate(w).grad
+    projected = g - N.T @ torch.linalg.solve(N @ N.T, N @ g)
+    assert float((point.v - projected).norm() / projected.norm()) < 1e-7
+    assert float((N @ point.v).abs().max() / (N.norm() * point.v.norm())) < 1e-8
+
+
+def test_sliding_velocity_is_what_euler_chatters_around():
+    """The Filippov velocity is the average motion of an unaware scheme: Euler with a tiny step,
+    started on the sliding surfaces, moves in its direction (it chatters across them)."""
+    problem, w0 = relu_twin()
+    w = gd_to(problem, w0, 10.0)
+    w, _, _, dyn = sliding_to(problem, w, 12.0)
+    assert len(dyn.field.sliding) >= 2  # the twin slides here
+    point = dyn.field.evaluate(w)
+    ds, h = 2e-3, 2e-6
+    moved = w.clone()
+    for _ in range(int(ds / h)):
+        g = problem.evaluate(moved).grad
+        moved = moved - h * g / torch.dot(g, g)
+    assert alignment(moved - w, point.s_velocity()) > 1 - 1e-6
+
+
+# -- the integrator's contracts -----------------------------------------------------------
+def test_auto_integrator_picks_sliding_for_kinked_models_only():
+    twin, _ = relu_twin(n=6, width=4)
+    config = get_experiment("srelu").default_config()
+    assert flow_integrator(twin.model, config) == "sliding"
+    assert isinstance(make_dynamics(twin, config), SlidingFlow)
+    smooth = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))
+    assert flow_integrator(smooth, config) == "cvode"
+
+
+def test_abort_is_checked_between_passes_inside_a_step():
+    problem, w = relu_twin(n=10, width=6)
+    dyn = SlidingFlow(problem, SLIDING)
+    calls = {"n": 0}
+
+    def abort():
+        calls["n"] += 1
+        return "signal" if calls["n"] > 3 else None
+
+    dyn.abort_requested = abort
+    with pytest.raises(StepAborted):
+        dyn.step(w, problem.evaluate(w), target=5.0)
+    assert calls["n"] == 4  # the first pass after the request raised
+
+
+def test_resumed_steps_equal_uninterrupted_ones():
+    problem, w0 = relu_twin()
+    w = gd_to(problem, w0, 3.0)
+    dyn = SlidingFlow(problem, SLIDING)
+    ev = problem.evaluate(w)
+    for _ in range(15):
+        r = dyn.step(w, ev, target=10.0)
+        w, ev = r.w, r.ev
+    state = dyn.state_dict()
+    again = SlidingFlow(problem, SLIDING)
+    again.load_state_dict(state)
+    a = dyn.step(w, ev, target=10.0)
+    b = again.step(w, ev, target=10.0)
+    assert torch.equal(a.w, b.w) and a.ev.log_risk == b.ev.log_risk
+
+
+def test_end_to_end_run_reports_the_sliding_flow(tmp_path):
+    from diralign.runner import start_run
+
+    out = tmp_path / "relu"
+    summary, _, _ = start_run("srelu", ["activation=relu", "n=10", "width=10", "target_ln_n_over_L=3", "dynamics=flow"], out,
+                              quiet=True)
+    assert summary["dynamics"] == "flow/sliding" and summary["faithful_to_flow"] is True
+    assert abs(summary["ln_n_over_L"] - 3.0) < 1e-6
+    assert set(summary["kink_events"]) == {"captured", "released", "crossed"}
+
+
+# -- faithfulness at matched ln(n/L) = 30 ------------------------------------------------
+def _check(problem, w_start, grad_fn, h, to_numpy=True):
+    target = 30.0
+    start = w_start.numpy() if to_numpy else w_start
+    ref_dir, ref_align, ref_evals = reference(grad_fn, start, problem.n, h, target)
+    w, ev, evals, _ = sliding_to(problem, w_start, target)
+    ours = (w / w.norm()).numpy()
+    ref_dir = np.asarray(ref_dir)
+    gap = float(np.linalg.norm(ours - ref_dir))
+    ours_align = alignment(w, -ev.grad)
+    assert abs(s_of(problem, ev.log_risk) - target) < 1e-5  # lands on the target (its own clock drifts a hair)
+    assert gap < 1e-4, f"direction off by {gap:.2e}"
+    assert abs(ours_align - ref_align) < 1e-3, f"alignment {ours_align:.6f} vs reference {ref_align:.6f}"
+    print(f"direction gap {gap:.2e}, alignment {ours_align:.6f} vs {ref_align:.6f}, evaluations {evals} vs {ref_evals}")
+    assert evals * 10 <= ref_evals, f"{evals} evaluations against the reference's {ref_evals}"
+
+
+def test_faithful_relu_twin():
+    problem, w0 = relu_twin()
+    _check(problem, gd_to(problem, w0, 5.0), numpy_twin(problem), 2.5e-4)
+
+
+def test_faithful_bias_free_relu_mlp():
+    problem, w0 = relu_mlp()
+    _check(problem, gd_to(problem, w0, 5.0), numpy_mlp(problem), 2.5e-4)
+
+
+@pytest.mark.slow
+def test_faithful_h_alexnet_16_digits_16x16():
+    problem, w0 = alexnet16()
+    start = gd_to(problem, w0, 25.0)
+    _check(problem, start, torch_reference(problem), 5e-4, to_numpy=False)
