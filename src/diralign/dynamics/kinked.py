@@ -45,6 +45,7 @@ RELEASE_MARGIN = 1e-9  # theta this far outside [0, 1] releases a kink
 SIGNIFICANT = 0.1  # a crossing whose jump could move W by this x rtol ||W|| in a step is an event
 PROBE_EVERY = 25  # steps between refreshes of the normals' scale estimates
 MAX_SHORT_CUTS = 3  # then the crossing is left to the error control
+NUDGE = 1e-12  # a released kink is moved this far (x ||W||) off its surface, to its side
 NEAR_DISTANCE = 1e-2  # a crossing this close (x rtol ||W||) ahead: hold the kink on its surface now
 
 
@@ -207,6 +208,7 @@ class SlidingFlow(Dynamics):
             ok = True
             p_new = None
             cross = None  # (kinks, fractions of the step) of the first stage where some crossed
+            over = None  # the same for held pool ties that a third entry of their window overtook
             attempt_cost = cost
             for i in range(1, 7):
                 w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
@@ -219,6 +221,9 @@ class SlidingFlow(Dynamics):
                 if cross is None:
                     found = crossings(p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h))
                     cross = found if len(found[0]) else None
+                if over is None and len(self.field.sliding):
+                    found = overtaken(p0.sites, stage.sites, self.field.sliding, _C[i])
+                    over = found if len(found[0]) else None
                 if i == 6:
                     p_new = stage
             if ok:
@@ -242,6 +247,18 @@ class SlidingFlow(Dynamics):
             self.stats["rejected_with_cross"] += cross is not None
             if DEBUG:
                 print(f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}", flush=True)
+            if over is not None:
+                # A held tie lost its window to a third entry: the held value is no longer the max.
+                # Step to just before that, where the tie is released (the window's plain max
+                # then takes over, and the third entry's crossing is an ordinary one).
+                first = float(over[1].min())
+                if first * h * float(ks[0].norm()) <= NEAR_DISTANCE * self.rtol * float(w0.norm()) or first < 1e-3:
+                    p0, spent = self._release(p0, over[0])
+                    cost += spent
+                    self.stats["events"] += spent
+                    continue
+                self.h = max(first * (1 - 1e-3), 1e-12) * h
+                continue
             if cross is None:
                 continue_with = h * min(1.0, max(0.2, factor))
                 self.h = continue_with
@@ -307,6 +324,10 @@ class SlidingFlow(Dynamics):
         # integrator zigzag across its surface, and the mix of sides it then follows is the
         # discretisation's, not the Filippov one (measured on H-AlexNet, 16 digits: with only
         # the crossings of large jumps captured, 1 - cos to the chattering average was 6e-3).
+        lost, _ = overtaken(p0.sites, p1.sites, field.sliding, 1.0)
+        if len(lost):
+            p1, spent = self._release(p1, lost)
+            cost += spent
         crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0, side="new")
         capture = KinkSet()
         if len(crossed):
@@ -337,6 +358,20 @@ class SlidingFlow(Dynamics):
         p, spent, _ = self._settle(p, cost + p.grad_evals)
         return p, spent
 
+    def _release(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
+        """Drop held pool ties whose window a third entry has taken (no nudge: the window's
+        plain max is no longer either of them), re-evaluate and settle."""
+        field = self.field
+        gone = set(zip(kinks.site.tolist(), kinks.o.tolist()))
+        keep = [i for i, (st, b, o) in enumerate(zip(field.sliding.site.tolist(), field.sliding.b.tolist(), field.sliding.o.tolist()))
+                if not (b >= 0 and (st, o) in gone)]
+        field.sliding = field.sliding.subset(torch.tensor(keep, dtype=torch.long))
+        field.gram_chol = None
+        self.events["released"] += len(gone)
+        q = self._eval(p.w)
+        q, spent, _ = self._settle(q, q.grad_evals)
+        return q, spent
+
     def _settle(self, p: FieldPoint, cost: float = 0.0) -> tuple[FieldPoint, float, bool]:
         """Release kinks whose Filippov weight left ``[0, 1]``: one at a time, the worst first,
         re-evaluating between (an active-set pivot: releasing every kink that looks out of
@@ -349,15 +384,45 @@ class SlidingFlow(Dynamics):
             excess = leave_measure(p.theta, p.delta)
             if not bool((excess > RELEASE_MARGIN).any()):
                 break
+            worst = int(torch.argmax(excess))
+            side = leave_side(float(p.theta[worst]), float(p.delta[worst]), float(p.h[worst]))
+            kink = field.sliding.subset(torch.tensor([worst]))
             keep = torch.ones(len(field.sliding), dtype=torch.bool)
-            keep[int(torch.argmax(excess))] = False
+            keep[worst] = False
             field.sliding = field.sliding.subset(keep.nonzero().flatten())
             field.gram_chol = None
             self.events["released"] += 1
             released = True
-            p = self._eval(p.w)
-            cost += p.grad_evals
+            w, spent = self._nudge(p, kink, side, float(p.h[worst]))
+            p = self._eval(w)
+            cost += spent + p.grad_evals
         return p, cost, released
+
+    def _nudge(self, p: FieldPoint, kink: KinkSet, side: float, h: float) -> tuple[torch.Tensor, float]:
+        """Put a released kink a hair on the side it leaves to, along its normal.  On its surface
+        ``h`` is at rounding level, so the autodiff side of a ReLU there (and with it the normals
+        of the units downstream of it, held ones included) would be decided by summation order:
+        one example alone and the whole batch disagreed, by up to 0.3 in those normals."""
+        field = self.field
+        row, spent = field.normals_at(p.w, p.sites, kinks=kink)
+        norm = float(row.norm())
+        if norm == 0:
+            return p.w, spent
+        target = side * NUDGE * float(p.w.norm()) * norm  # h after the move
+        return p.w + (target - h) / norm**2 * row[0], spent
+
+
+def leave_side(theta: float, delta: float, h: float) -> float:
+    """The side (+1: ``h > 0``, ReLU on / the held pool winner stays) a released kink leaves to:
+    where both one-sided normal speeds point.  ``b(theta)`` rises with slope ``delta``: with
+    ``delta > 0``, ``theta > 1`` means ``b(1) < 0`` (both sides push to ``h > 0``) and
+    ``theta < 0`` the opposite; with ``delta < 0`` the reverse; a repelling surface (``delta < 0``,
+    ``theta`` inside) keeps the side rounding gave it."""
+    if delta > 0:
+        return 1.0 if theta > 1 else -1.0
+    if delta < 0 and not 0 <= theta <= 1:
+        return -1.0 if theta > 1 else 1.0
+    return 1.0 if h >= 0 else -1.0
 
 
 def leave_measure(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -369,6 +434,32 @@ def leave_measure(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     of ``dh/ds`` (or, repelling, the rounding of ``h`` picks one), and the next steps follow."""
     outside = torch.maximum(-theta, theta - 1.0)
     return torch.where(delta > 0, outside, torch.ones_like(theta))
+
+
+def overtaken(sites0, sites1, sliding: KinkSet, c: float = 1.0) -> tuple[KinkSet, torch.Tensor]:
+    """Held pool ties ``(a, b)`` whose window's plain argmax at ``sites1`` is a third entry,
+    with the fraction of the step (from ``sites0``) at which it overtook, by interpolation of
+    ``max(x_a, x_b) - x_c``."""
+    by_site = {s.index: (s0, s) for s0, s in zip(sites0, sites1)}
+    pos, fr = [], []
+    for k in torch.unique(sliding.site[sliding.b >= 0]).tolist():
+        s0, s1 = by_site[k]
+        mine = ((sliding.site == k) & (sliding.b >= 0)).nonzero().flatten()
+        a, b, o = sliding.a[mine], sliding.b[mine], sliding.o[mine]
+        winner = s1.argmax.reshape(-1)[o]
+        lost = (winner != a) & (winner != b)
+        if not bool(lost.any()):
+            continue
+        z0, z1 = s0.z.reshape(-1), s1.z.reshape(-1)
+        a, b, cc = a[lost], b[lost], winner[lost]
+        h0 = torch.maximum(z0[a], z0[b]) - z0[cc]
+        h1 = torch.maximum(z1[a], z1[b]) - z1[cc]
+        frac = torch.where(h0 > 0, h0 / (h0 - h1), torch.zeros_like(h0)).clamp(0.0, 1.0)
+        pos.append(mine[lost])
+        fr.append(c * frac)
+    if not pos:
+        return KinkSet(), torch.zeros(0)
+    return sliding.subset(torch.cat(pos)), torch.cat(fr)
 
 
 def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None) -> tuple[KinkSet, torch.Tensor]:
