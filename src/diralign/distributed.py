@@ -36,7 +36,7 @@ same bits on any number of processes: a ``W``-rank run equals a single-process r
 ``pieces = W``, and a resume on another number of processes continues it exactly.  Against
 a run in *one* piece the summation order differs, so results agree to rounding (measured,
 deep-linear to ``ln(n/L) = 1000``: gd, sgd, loss-based and dopri5 to 2e-12; CVODE, whose
-Newton and GMRES iterations amplify last bits, to 1.5e-7 at rtol 1e-6).  The price of
+Newton and GMRES iterations amplify last bits, to 1.2e-8 at rtol 1e-6).  The price of
 all-gather over all-reduce is ``P`` gradient copies per rank per evaluation.
 
 **Margins.** Between log points each rank keeps only its shard's margins; the count of
