@@ -51,6 +51,7 @@ from ..problem import Problem
 from ..store import read_array_log
 from .base import Experiment, Setup
 from .custom import model_outputs
+from .margins_convergence import draw_convergence
 
 MODEL_SEED_OFFSET = 1  # the model is initialised from seed + 1 (data subsets use seed)
 
@@ -213,9 +214,10 @@ def model_degree(model, X) -> tuple[Optional[int], str]:
 
 
 def plot_margin_panel(run_dir, out_dir=None) -> list:
-    """``fig2.png/pdf``: the Fig. 2 margin plot beside a companion panel of alignment
-    ``1 - cos(W, -grad L)`` and directional path length (plus the angle to the final
-    direction when directions were stored), all against ``ln(n/L)``."""
+    """``fig2.png/pdf``: the Fig. 2 margin plot; beside it the margins' convergence on log
+    axes (:mod:`.margins_convergence`); below, alignment ``1 - cos(W, -grad L)`` and the
+    directional path length (plus the angle to the final direction when directions were
+    stored), all against ``ln(n/L)``."""
     from .. import plots
 
     plt = plots._pyplot()
@@ -224,8 +226,11 @@ def plot_margin_panel(run_dir, out_dir=None) -> list:
     log = plots.read_log(run_dir)
     if len(log) == 0:
         return []
-    fig, (ax_m, ax_a, ax_p) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    fig, ((ax_m, ax_c), (ax_a, ax_p)) = plt.subplots(2, 2, figsize=(13, 9))
     plots.draw_margins(ax_m, run_dir)
+    trajectories = plots.margin_trajectories(run_dir)
+    if trajectories is not None:
+        draw_convergence(ax_c, trajectories[0], trajectories[1])
     summary = _read_json(run_dir / "summary.json")
     meta = _read_json(run_dir / "config.json")
     config = meta.get("config", {})
