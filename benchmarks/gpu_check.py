@@ -54,11 +54,11 @@ def profile(dry_run: bool) -> dict:
     """Sizes: the real check, or a dry run that exercises the same paths in seconds."""
     if dry_run:
         return dict(device="cpu", subset=64, fig1_width=40, fig1_target=10.0, epoch_n=96, epochs=2,
-                    cost_n=96, cost_models=("h-alexnet",), ranks=2)
+                    cost_n=96, models=MODELS, cost_models=("h-alexnet",), ranks=2)
     import torch
 
     return dict(device="cuda", subset=512, fig1_width=1000, fig1_target=30.0, epoch_n=50_000, epochs=3,
-                cost_n=50_000, cost_models=MODELS, ranks=max(torch.cuda.device_count(), 1))
+                cost_n=50_000, models=MODELS, cost_models=MODELS, ranks=max(torch.cuda.device_count(), 1))
 
 
 # -- running things ------------------------------------------------------------------------------------
@@ -70,8 +70,13 @@ def _env(threads_one: bool = False) -> dict:
     return env
 
 
-def cli(args: list, timeout: float, threads_one: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diralign", *map(str, args)], cwd=REPO, env=_env(threads_one),
+# One intra-op thread for the CPU processes of a dry run: on a shared machine two OpenMP threads
+# stall at every parallel region whose second thread is descheduled (benchmarks/RESULTS.md).
+CPU_ONE_THREAD = {"value": False}
+
+
+def cli(args: list, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diralign", *map(str, args)], cwd=REPO, env=_env(CPU_ONE_THREAD["value"]),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -143,7 +148,7 @@ def step_margins(p, work, results) -> dict:
 
 def step_resume(p, work, results) -> dict:
     reference = results.get("margins", {}).get("result", {})
-    budget = max(0.3 * float(reference.get("wall_seconds") or 4.0), 0.5)
+    budget = max(0.45 * float(reference.get("wall_seconds") or 4.0), 0.5)  # about two resumes
     out = work / "resume"
     _check(cli(_margins_args(p, out, "--no-plot", "--set", f"max_wall_seconds={budget:.3f}"), timeout=300), "run (cut short)")
     first = _summary(out)
@@ -205,7 +210,7 @@ print(panel["verdict"] if isinstance(panel, dict) and "verdict" in panel else "p
 
 def step_api(p, work, results) -> dict:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", API_SCRIPT, p["device"], str(work / "api")], cwd=REPO, env=_env(),
+    proc = subprocess.run([sys.executable, "-c", API_SCRIPT, p["device"], str(work / "api")], cwd=REPO, env=_env(CPU_ONE_THREAD["value"]),
                           capture_output=True, text=True, timeout=300)
     _check(proc, "Python API on the device")
     return {"seconds_with_startup": time.perf_counter() - t, "probe": proc.stdout.strip().splitlines()[-1:]}
@@ -266,7 +271,7 @@ def step_epochs(p, work, results) -> dict:
     from diralign.runner import start_run
 
     out = {}
-    for model in MODELS:
+    for model in p["models"]:
         run_dir = work / f"epochs-{model}"
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -305,12 +310,27 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="results file (default: benchmarks/gpu_check.json; dry run: a temporary file)")
     parser.add_argument("--budget-seconds", type=float, default=450.0, help="skip steps that would end after this")
     parser.add_argument("--keep", metavar="DIR", help="keep the run directories here")
+    parser.add_argument("--models", help=f"networks for the epoch steps (default: {','.join(MODELS)})")
+    parser.add_argument("--epoch-n", type=int, help="images for the epoch steps (default: 50,000; dry run 96)")
+    parser.add_argument("--subset", type=int, help="digits for the margins, resume and distributed steps (default: 512; dry run 64)")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
     p = profile(args.dry_run)
+    CPU_ONE_THREAD["value"] = args.dry_run
+    if args.dry_run:
+        import torch
+
+        torch.set_num_threads(1)
+    if args.models:
+        p["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        p["cost_models"] = p["models"]
+    if args.epoch_n:
+        p["epoch_n"] = p["cost_n"] = args.epoch_n
+    if args.subset:
+        p["subset"] = args.subset
     json_path = Path(args.json) if args.json else (
         Path(tempfile.gettempdir()) / "gpu_check_dry_run.json" if args.dry_run else REPO / "benchmarks" / "gpu_check.json")
     start = time.perf_counter()
@@ -325,6 +345,7 @@ def main(argv=None) -> int:
             estimate = ESTIMATES[name] / (10 if args.dry_run else 1)
             if elapsed + estimate > args.budget_seconds:
                 report["steps"][name] = {"ok": None, "skipped": f"time budget ({elapsed:.0f} s used of {args.budget_seconds:.0f})"}
+                print(f"gpu_check: {name:<12} skipped (time budget: {elapsed:.0f} s of {args.budget_seconds:.0f} used)", flush=True)
                 continue
             t = time.perf_counter()
             entry = {}
