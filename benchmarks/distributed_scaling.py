@@ -32,7 +32,6 @@ CASES = {
 
 
 def worker(case: str, repeats: int) -> dict:
-    import torch
 
     from diralign import distributed
     from diralign.config import apply_overrides

@@ -184,10 +184,11 @@ def measure(model: str, data: str, args) -> dict:
     from diralign.config import apply_overrides
     from diralign.experiments.margins import MarginsExperiment
     from diralign.runner import build
+    from diralign.trainer import Coordinator
 
     experiment = MarginsExperiment()
     config = apply_overrides(experiment.default_config(), _overrides(args, model, data))
-    _, setup = build(experiment, config)
+    setup = build(experiment, config, Coordinator())
     problem = setup.problem
     batch = int(config.batch_size)
     plain = Plain(problem, setup.w0, float(config.eta), batch, int(config.seed), int(config.chunk_size))

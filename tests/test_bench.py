@@ -41,7 +41,7 @@ def _config(**changes):
 def test_constant_gd_matches_a_hand_written_loop():
     problem, X, y = _linear_problem()
     eta = 0.05
-    dynamics = make_dynamics(problem, _config(dynamics="constant-gd", eta=eta))
+    dynamics = make_dynamics(problem, _config(dynamics="constant-gd", constant_gd_eta=eta))
     w = problem.flat_params()
     ev = problem.evaluate(w)
     u = w.numpy().copy()
@@ -62,18 +62,18 @@ def test_constant_gd_stops_where_float64_does():
     w = svm_like * (800.0 / float((torch.as_tensor(y) * (torch.as_tensor(X) @ svm_like)).min()))
     ev = problem.evaluate(w)
     assert ev.log_risk < -745  # L itself is below float64's smallest subnormal
-    dynamics = make_dynamics(problem, _config(dynamics="constant-gd", eta=1e6))
+    dynamics = make_dynamics(problem, _config(dynamics="constant-gd", constant_gd_eta=1e6))
     result = dynamics.step(w, ev)
     assert torch.equal(result.w, w) and dynamics.stalled_steps == 1
     limit = float64_limit(problem, w, ev.grad, ev.log_risk, 1e6)
     assert limit["rounded_away_at_ln_n_over_L"] <= clock(problem, ev)
-    fresh = make_dynamics(problem, _config(dynamics="constant-gd", eta=1e6))
+    fresh = make_dynamics(problem, _config(dynamics="constant-gd", constant_gd_eta=1e6))
     fresh.load_state_dict(dynamics.state_dict())
     assert fresh.stalled_steps == 1
     deep = _deep_problem()  # a step so large that the degree-3 margins overflow: plain GD diverges
     w0 = deep.flat_params()
     with pytest.raises(FloatingPointError):
-        make_dynamics(deep, _config(dynamics="constant-gd", eta=1e200)).step(w0, deep.evaluate(w0))
+        make_dynamics(deep, _config(dynamics="constant-gd", constant_gd_eta=1e200)).step(w0, deep.evaluate(w0))
 
 
 def test_loss_based_rolls_back_failed_epochs():
@@ -153,9 +153,9 @@ def test_tiny_bench_run_writes_complete_finite_json(tmp_path):
     assert all(math.isfinite(x) for x in _numbers(results))
     section = results["problems"]["deep-linear"]
     assert set(section["dynamics"]) >= {"gd", "loss-based", "constant-gd", "flow/dopri5 rtol=1e-06", "flow/cvode rtol=1e-06"}
-    for label, record in section["dynamics"].items():
+    for _label, record in section["dynamics"].items():
         assert set(record["targets"]) == {"3", "6"}
-        for target, at in record["targets"].items():
+        for _target, at in record["targets"].items():
             if at["reached"]:
                 assert at["grad_evals"] > 0 and at["wall_seconds"] >= 0
                 assert at["direction_error"] is not None and 0 <= at["direction_error"] <= 2
@@ -169,7 +169,7 @@ def test_tiny_bench_run_writes_complete_finite_json(tmp_path):
     gd = section["dynamics"]["gd"]["targets"]["6"]
     assert flow["reached"] and flow["direction_error"] < 1e-5
     assert gd["reached"] and gd["direction_error"] > 100 * flow["direction_error"]
-    overhead = results["instrument_overhead"]["deep-linear"]
+    overhead = results["instrument_cost"]["deep-linear"]
     assert overhead["ratio"] > 0 and overhead["same_steps"] and overhead["logged_rows"] == 1 + 1 + 6  # W0, the warm-up step, every timed step
     assert (tmp_path / "wp.png").exists() and (tmp_path / "wp.pdf").exists()
 

@@ -82,9 +82,13 @@ def test_missing_data_file(tmp_path):
     assert_user_error(diralign("run", "linear", "--out", tmp_path / "o", "--set", f"data={tmp_path / 'nope.npz'}", *QUICK), "does not exist")
 
 
-def test_unknown_key_lists_valid_keys(tmp_path):
+def test_unknown_key_suggests_the_close_one(tmp_path):
     result = diralign("run", "deep-linear", "--out", tmp_path / "o", "--set", "widht=3", *QUICK)
-    assert_user_error(result, "widht", "valid keys", "widths", "target_ln_n_over_L")
+    assert_user_error(result, "widht", "did you mean", "'widths'")
+    result = diralign("run", "margins", "--out", tmp_path / "m", "--set", "bath_size=5", *QUICK)
+    assert_user_error(result, "bath_size", "did you mean", "'batch_size'")
+    result = diralign("run", "deep-linear", "--out", tmp_path / "q", "--set", "zzqqxx=1", *QUICK)
+    assert_user_error(result, "zzqqxx", "diralign config")
 
 
 def test_badly_typed_value(tmp_path):
@@ -157,7 +161,7 @@ def _compare_runs(a, b):
     assert la.shape == lb.shape  # none lost, none duplicated
     np.testing.assert_array_equal(la["step"].to_numpy(), lb["step"].to_numpy())
     np.testing.assert_allclose(lb.to_numpy(dtype=float), la.to_numpy(dtype=float), rtol=1e-12, equal_nan=True)
-    from diralign.store import read_array_log
+    from diralign.rundir import read_array_log
 
     ma, mb = read_array_log(a, "margins"), read_array_log(b, "margins")
     assert ma.shape == mb.shape == (len(la), 60)

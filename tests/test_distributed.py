@@ -27,8 +27,8 @@ from diralign.config import apply_overrides
 from diralign.errors import UserError
 from diralign.experiments import get_experiment
 from diralign.problem import Problem
+from diralign.rundir import read_array_log
 from diralign.runner import resume_run, start_run
-from diralign.store import read_array_log
 
 # ---------------------------------------------------------------------------------------
 # simulated ranks: the real DataParallel code, with all_gather done through shared memory
@@ -65,7 +65,7 @@ def on_ranks(world: int, work, n=60, seed=0):
             setup, config = deep_linear_setup(seed, n)
             dp = dd.DataParallel(rank, world, 0)
             dp._all_gather = lambda tensor, what, rank=rank: gather(rank, tensor)
-            dp.attach(setup, config)
+            setup = dp.prepare(setup, config)
             results[rank] = work(rank, dp, setup)
         except Exception as exc:  # reported below, per rank
             errors.append((rank, exc))
@@ -74,7 +74,7 @@ def on_ranks(world: int, work, n=60, seed=0):
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
     real_is_initialized = torch.distributed.is_initialized
-    torch.distributed.is_initialized = lambda: True  # attach() must not open a real group
+    torch.distributed.is_initialized = lambda: True  # prepare() must not open a real group
     try:
         for t in threads:
             t.start()
@@ -110,7 +110,7 @@ def test_sharded_evaluation_equals_full_data(world):
     def work(rank, dp, setup):
         ev = setup.problem.evaluate(w)
         local = ev.margins.clone()
-        return ev, local, dp.gather_margins(ev), dp.bounds
+        return ev, local, dp.complete(ev), dp.bounds
 
     results, errors = on_ranks(world, work)
     assert not errors, errors
@@ -190,7 +190,7 @@ def test_different_data_on_ranks_is_refused():
             setup, config = deep_linear_setup(seed=rank)  # rank 1 builds other data
             dp = dd.DataParallel(rank, 2, 0)
             dp._all_gather = lambda tensor, what: gather(rank, tensor)
-            dp.attach(setup, config)
+            dp.prepare(setup, config)
         except Exception as exc:
             errors.append(exc)
 
@@ -208,20 +208,19 @@ def test_different_data_on_ranks_is_refused():
 def test_launch_rules(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    run = lambda *sets: SimpleNamespace(command="run", overrides=list(sets))  # noqa: E731
-    assert dd.maybe_init(run()) is None
-    assert dd.maybe_init(SimpleNamespace(command="resume")) is None
+    run = lambda wanted: dd.coordinator_for("run", wanted, "cpu", None)  # noqa: E731
+    assert run(False) is None
+    assert dd.coordinator_for("resume", True, "cpu", None) is None
     with pytest.raises(UserError, match="needs a torchrun launch"):
-        dd.maybe_init(run("distributed=true"))
-    assert dd.maybe_init(run("distributed=true", "distributed=false")) is None
+        run(True)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(UserError, match="add --set distributed=true"):
-        dd.maybe_init(run())
-    ctx = dd.maybe_init(run("distributed=yes"))
+        run(False)
+    ctx = run(True)
     assert (ctx.rank, ctx.world_size, ctx.is_writer) == (1, 2, False)
-    assert dd.maybe_init(SimpleNamespace(command="resume")).rank == 1
+    assert dd.coordinator_for("resume", True, "cpu", None).rank == 1
 
 
 # ---------------------------------------------------------------------------------------

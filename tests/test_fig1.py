@@ -17,14 +17,14 @@ from diralign import maxmargin
 from diralign.data.planar import embed, make_teacher, planar_data, planar_teacher
 from diralign.errors import UserError
 from diralign.models import (
-    SquaredReLUNTK,
     SquaredReLUNet,
+    SquaredReLUNTK,
     build_model,
     homogeneity_degree,
     ntk_linearize,
     squared_relu_ntk,
 )
-from diralign.store import read_array_log
+from diralign.rundir import read_array_log
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -197,7 +197,7 @@ def test_dual_svm_matches_primal_cvxpy_and_sklearn():
 # -- the experiment end to end ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from diralign.plots import plot_run
+    from diralign.figures import plot_run
     from diralign.runner import start_run
 
     out = tmp_path_factory.mktemp("fig1") / "run"
@@ -208,7 +208,7 @@ def small_run(tmp_path_factory):
 
 
 def test_fig1_end_to_end(small_run):
-    from diralign.runner import SUMMARY_KEYS
+    from diralign.rundir.schema import DESIGN_SUMMARY_KEYS as SUMMARY_KEYS
 
     out, summary, paths = small_run
     saved = json.loads((out / "summary.json").read_text())

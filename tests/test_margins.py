@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import signal
-import sys
 
 import numpy as np
 import pytest
@@ -16,14 +15,14 @@ import torch.nn.functional as F
 
 from diralign.cli import main
 from diralign.config import apply_overrides
-from diralign.data.images import CIFAR_FOLDER, cifar10, cifar10_raw, class_balanced_subset, digits, load_images
+from diralign.data.images import CIFAR_FOLDER, cifar10, cifar10_raw, class_balanced_subset, digits
 from diralign.dynamics import make_dynamics
 from diralign.dynamics.sgd import MinibatchSGD
 from diralign.errors import UserError
 from diralign.experiments.margins import MarginsExperiment, margin_change_last_quarter
 from diralign.models import build_model, homogeneity_degree
+from diralign.rundir import read_array_log
 from diralign.runner import resume_run, start_run
-from diralign.store import read_array_log
 
 
 # -- a tiny CIFAR-10 in torchvision's on-disk format ----------------------------------------

@@ -20,13 +20,12 @@ from diralign.models.counterexample import (
     hat_margin,
     planar_gradient,
     planar_reference,
-    spiral_flow,
     sphere_gradient,
+    spiral_flow,
 )
 from diralign.models.homogeneity import homogeneity_degree
 from diralign.verify import Profile, format_table, run_verify
 from diralign.verify_checks import FAIL, PASS, RunData, lemma_c5, path_length_plateau
-
 
 # -- LP references ------------------------------------------------------------------------------
 

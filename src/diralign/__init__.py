@@ -1,44 +1,15 @@
 """diralign: directional convergence and alignment in deep learning (Ji & Telgarsky 2020).
 
     python -c "import diralign; print(diralign.__all__)"
+
+The public face is five names: ``train`` and ``resume`` (your model, your data, the same
+runner and run directory as the CLI), ``load_run`` and ``Run`` (read any run directory),
+``probe`` (the instrument panel of a model as it stands).  Everything else lives in
+submodules (``diralign.losses``, ``diralign.maxmargin``, ``diralign.models``, ...) and is
+internal unless its module says otherwise.
 """
 
 from .api import Run, load_run, probe, resume, train
 from .errors import UserError
-from .losses import (
-    cross_entropy_log_risk,
-    log_logistic_loss,
-    log_risk,
-    multiclass_margins,
-    smoothed_margin,
-)
-from .maxmargin import hard_margin_svm, hard_margin_svm_dual, svm_sklearn
-from .models import DeepLinear, LinearModel, SquaredReLUNet, SquaredReLUNTK, homogeneity_degree, ntk_linearize
-from .problem import Problem
-from .runner import resume_run, start_run
 
-__all__ = [
-    "DeepLinear",
-    "LinearModel",
-    "Problem",
-    "Run",
-    "SquaredReLUNTK",
-    "SquaredReLUNet",
-    "UserError",
-    "cross_entropy_log_risk",
-    "hard_margin_svm",
-    "hard_margin_svm_dual",
-    "homogeneity_degree",
-    "log_logistic_loss",
-    "load_run",
-    "log_risk",
-    "multiclass_margins",
-    "ntk_linearize",
-    "probe",
-    "resume",
-    "resume_run",
-    "smoothed_margin",
-    "start_run",
-    "svm_sklearn",
-    "train",
-]
+__all__ = ["Run", "UserError", "load_run", "probe", "resume", "train"]

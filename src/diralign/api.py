@@ -12,71 +12,40 @@ elsewhere) without changing it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
-import typing
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import probes, runner
-from .config import TrainConfig, _convert, config_from_dict, field_names
-from .data.labels import check_features, resolve_labels
+from .config import config_from_dict, typed_value
+from .data.labels import check_features, model_outputs, resolve_labels
 from .errors import UserError
 from .experiments import get_experiment
 from .experiments.base import Setup
-from .experiments.custom import IN_MEMORY, CustomConfig, CustomExperiment, model_outputs
+from .experiments.custom import IN_MEMORY, CustomConfig, CustomExperiment
 from .models.structure import nonsmooth_operations
 from .problem import Problem
-from .store import load_checkpoint_file, read_array_log
+from .rundir import Run as RunReader
+from .rundir import read_json, schema
+from .runtime import RuntimeOptions, resolve_dtype_device
 from .trainer import Interrupted
 
 __all__ = ["Run", "load_run", "probe", "resume", "train"]
 
 
-class Run:
-    """A run directory seen from Python: summary, log, margin trajectories, model, plots."""
+class Run(RunReader):
+    """A run directory seen from Python: the reader (:class:`diralign.rundir.Run`: config,
+    summary, log, margin trajectories) plus the trained model, its figures and a verdict."""
 
     def __init__(self, path, model: Optional[nn.Module] = None):
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise UserError(f"{self.path} is not a diralign run directory (no config.json)")
-        self.meta = _read_json(self.path / "config.json")
-        self.config = self.meta.get("config", {})
-        self.experiment = self.meta.get("experiment")
-        self.summary = _read_json(self.path / "summary.json") or {}  # {} while unfinished
-        self.assumptions = _read_json(self.path / "assumptions.json") or {}
-        if self.summary and "assumption_2_3_step" in self.summary:
-            self.assumptions.setdefault("assumption_2_3_step", self.summary["assumption_2_3_step"])
+        super().__init__(path)
         self._model = model
         self._model_tried = model is not None
         self.model_error: Optional[str] = None
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.summary)
-
-    @property
-    def log(self):
-        """The scalar log (``log.csv``) as a pandas DataFrame, one row per log point."""
-        from .plots import read_log
-
-        return read_log(self.path)
-
-    @property
-    def margins(self) -> np.ndarray:
-        """Per-example normalised margins at every log point, ``[T, n]`` (memory-mapped)."""
-        traj = read_array_log(self.path, "margins")
-        return np.zeros((0, 0), dtype=np.float32) if traj is None else traj
-
-    @property
-    def final_margins(self) -> Optional[np.ndarray]:
-        path = self.path / "final_margins.npy"
-        return np.load(path) if path.exists() else None
 
     @property
     def model(self) -> Optional[nn.Module]:
@@ -97,12 +66,11 @@ class Run:
             config = config_from_dict(experiment.Config, self.config)
             if config.device.startswith("cuda") and not torch.cuda.is_available():
                 config = dataclasses.replace(config, device="cpu")
-            dtype, device = runner.resolve_dtype_device(config)
+            dtype, device = resolve_dtype_device(RuntimeOptions.from_config(config))
             with torch.random.fork_rng(devices=[]):  # the caller's RNG stays untouched
                 torch.manual_seed(int(config.seed))
                 setup = experiment.setup(config, dtype, device)
-            payload = load_checkpoint_file(self.path / "checkpoint.pt")
-            w = payload["state"]["w"]
+            w = self.final_weights()
             if w.numel() != setup.problem.dim:
                 raise UserError(f"checkpoint holds {w.numel()} parameters, the rebuilt model {setup.problem.dim}")
             return setup.problem.load_into_model(w.to(device=device, dtype=dtype))
@@ -112,9 +80,9 @@ class Run:
 
     def plot(self, out_dir=None) -> list[Path]:
         """Write the figures (curves, Fig. 2-style margins, experiment extras); returns paths."""
-        from .plots import plot_run
+        from .figures import plot_run
 
-        return plot_run(self.path, out_dir)
+        return plot_run(self, out_dir)
 
     def verdict(self) -> str:
         return run_verdict(self.summary, self.assumptions, self.config)
@@ -132,8 +100,7 @@ def load_run(path, model: Optional[nn.Module] = None) -> Run:
     """
     run = Run(path)
     if model is not None:
-        payload = load_checkpoint_file(run.path / "checkpoint.pt")
-        run._model = load_flat_weights(model, payload["state"]["w"])
+        run._model = load_flat_weights(model, run.final_weights())
         run._model_tried = True
     return run
 
@@ -175,19 +142,8 @@ def run_verdict(summary: dict, assumptions: dict, config: dict) -> str:
 
 
 def _typed_overrides(overrides: dict) -> dict:
-    """Python keyword overrides of :class:`TrainConfig`, type-checked like ``--set``."""
-    valid = field_names(TrainConfig)
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for key, value in overrides.items():
-        if key not in valid:
-            raise UserError(f"unknown training option {key!r}; valid options: {', '.join(sorted(valid))}")
-        if isinstance(value, str) and hints[key] is not str:
-            value = _convert(value, hints[key], key)
-        elif hints[key] is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[key] = value
-    return out
+    """Python keyword overrides of the config, type-checked like ``--set``."""
+    return {key: typed_value(CustomConfig, key, value) for key, value in overrides.items()}
 
 
 def _materialise(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +221,7 @@ def train(
     if out is None:
         out = tempfile.mkdtemp(prefix="diralign-run-")
     try:
-        summary, state, setup = runner.start_run(experiment, [], out, force=force, quiet=quiet)
+        summary, state, setup = runner.start_run(experiment, config, out, force=force, quiet=quiet)
     except Interrupted as exc:
         raise KeyboardInterrupt(
             f"interrupted by {exc}; checkpoint saved in {out}, continue with diralign.resume({str(out)!r}, model, X, y)"
@@ -293,8 +249,8 @@ def resume(path, model: nn.Module, X, y=None, quiet: bool = False) -> Run:
     """Continue an interrupted ``train`` run (same model architecture and data)."""
     if isinstance(X, torch.utils.data.DataLoader):
         X, y = _materialise(X)
-    meta = _read_json(Path(path) / "config.json") or {}
-    if meta.get("experiment") != CustomExperiment.name:
+    meta = read_json(Path(path) / schema.CONFIG) or {}
+    if meta.get(schema.META_EXPERIMENT) != CustomExperiment.name:
         summary, state, setup = runner.resume_run(path, quiet=quiet)
         return Run(path, model=setup.problem.load_into_model(state.w))
     experiment = CustomExperiment(model, X, y, info={"model_repr": repr(model)[:2000]})
@@ -393,13 +349,3 @@ def probe_verdict(p: dict) -> str:
     if p.get("alignment_cos") is not None and math.isfinite(p["alignment_cos"]):
         parts.append(f"alignment cos {p['alignment_cos']:.6f}")
     return "; ".join(parts)
-
-
-def _read_json(path: Path):
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); the run directory is damaged") from None

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw the figures of a run directory")
     plot.add_argument("dir")
 
-    show = sub.add_parser("config", help="print an experiment's default config (the keys --set accepts)")
+    show = sub.add_parser("config", help="every key --set accepts: section, type, default and meaning")
     show.add_argument("experiment")
 
     verify = sub.add_parser("verify", help="check the paper's theorems on seeded runs against independent references")
@@ -86,61 +87,76 @@ def _print_summary(summary: dict, out) -> None:
 
 
 def _plot(out, quiet: bool) -> None:
-    from .plots import plot_run
+    from .figures import plot_run
 
     paths = plot_run(out)
     if not quiet:
         print(f"figures: {len(paths)} files in {out}", flush=True)
 
 
-def dispatch(args) -> int:
+def _run(args):
     from . import runner
+    from .config import apply_overrides
+    from .distributed import coordinator_for
+    from .experiments import get_experiment
+
+    experiment = get_experiment(args.experiment)
+    out = args.out or _default_out(args.experiment)
+    overrides = list(args.overrides) + (["download=true"] if args.download else [])
+    config = apply_overrides(experiment.default_config(), overrides)  # parsed and validated once
+    coordinator = coordinator_for("run", config.distributed, config.device, out)
+    summary, _, _ = runner.start_run(experiment, config, out, force=args.force, quiet=args.quiet, coordinator=coordinator)
+    return out, summary, coordinator
+
+
+def _resume(args):
+    from . import runner
+    from .distributed import coordinator_for
+    from .rundir import Run
+
+    run = Run(args.dir)
+    device = run.config.get("device", "cpu")
+    coordinator = coordinator_for("resume", True, device if isinstance(device, str) else "cpu", args.dir)
+    summary, _, _ = runner.resume_run(args.dir, quiet=args.quiet, coordinator=coordinator)
+    return args.dir, summary, coordinator
+
+
+def _show_config(name: str) -> int:
+    from .config import describe, format_description
+    from .experiments import get_experiment
+
+    experiment = get_experiment(name)
+    print(format_description(describe(experiment.Config, experiment.name)))
+    return 0
+
+
+def dispatch(args) -> int:
     from .trainer import Interrupted
 
-    distributed = None
-    if getattr(args, "command", None) in ("run", "resume"):
-        from .distributed import maybe_init
+    if args.command == "plot":
+        from .figures import plot_run
 
-        distributed = maybe_init(args)
+        for path in plot_run(args.dir):
+            print(path)
+        return 0
+    if args.command == "verify":
+        from .verify import main as verify_main
+
+        return verify_main(args)
+    if args.command == "bench":
+        from .bench import main_from_args
+
+        return main_from_args(args)
+    if args.command == "config":
+        return _show_config(args.experiment)
+    out = (args.out or "DIR") if args.command == "run" else args.dir
     try:
-        if args.command == "run":
-            out = args.out or _default_out(args.experiment)
-            overrides = list(args.overrides)
-            if args.download:
-                overrides.append("download=true")
-            summary, _, _ = runner.start_run(args.experiment, overrides, out, force=args.force, quiet=args.quiet, distributed=distributed)
-        elif args.command == "resume":
-            out = args.dir
-            summary, _, _ = runner.resume_run(out, quiet=args.quiet, distributed=distributed)
-        elif args.command == "plot":
-            from .plots import plot_run
-
-            for path in plot_run(args.dir):
-                print(path)
-            return 0
-        elif args.command == "verify":
-            from .verify import main as verify_main
-
-            return verify_main(args)
-        elif args.command == "bench":
-            from .bench import main_from_args
-
-            return main_from_args(args)
-        elif args.command == "config":
-            import dataclasses
-            from .experiments import get_experiment
-
-            for field in dataclasses.fields(get_experiment(args.experiment).Config):
-                print(f"{field.name} = {getattr(get_experiment(args.experiment).default_config(), field.name)!r}")
-            return 0
-        else:  # pragma: no cover - argparse guards this
-            raise UserError(f"unknown command {args.command}")
+        out, summary, coordinator = _run(args) if args.command == "run" else _resume(args)
     except Interrupted as exc:
-        if distributed is None or distributed.rank == 0:  # one message for all ranks
+        if os.environ.get("RANK", "0") == "0":  # one message for all ranks of a torchrun launch
             print(f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}", file=sys.stderr)
         return 130
-    is_writer = distributed is None or distributed.rank == 0
-    if is_writer:
+    if coordinator is None or coordinator.is_writer:
         if not args.quiet:
             _print_summary(summary, out)
         if not args.no_plot:

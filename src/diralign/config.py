@@ -1,59 +1,57 @@
-"""Typed run configuration: one dataclass per experiment, overridden by ``--set key=value``.
+"""Run configuration: one flat, typed dataclass per experiment, composed of the options its
+parts own, overridden by ``--set key=value``.
 
-The fields below are shared by every experiment (dynamics, goals, logging, storage);
-experiments subclass :class:`TrainConfig` and add their own data/model fields.
+    diralign config fig1          # every key: section, type, default, meaning
+
+Who owns what: :mod:`diralign.runtime` (seed, dtype, device, threads, distributed; the loss
+and chunking), :mod:`diralign.dynamics` (which dynamics, and each one's own options),
+:mod:`diralign.trainer` (goals; log points and checkpoints).  Experiments subclass
+:class:`TrainConfig` and add their own fields (their section is the experiment's).  Every
+value is validated once, when the config is made (``__post_init__``), by the part that
+reads it; unknown keys are errors with a did-you-mean suggestion.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import difflib
 import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
+from .dynamics import OPTIONS as DYNAMICS_OPTIONS
 from .errors import UserError
+from .options import help_of, section_of, validate_all
+from .runtime import ProblemOptions, RuntimeOptions
+from .trainer import GoalOptions, LoggingOptions
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
-    dtype: str = "float64"
-    device: str = "cpu"
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    loss: str = "logistic"
-    # dynamics: flow (error-controlled gradient flow), gd (normalised GD), sgd, loss-based
-    # (Lyu & Li's lr = alpha / L), constant-gd (plain W -= eta grad L, the common baseline)
-    dynamics: str = "flow"
-    integrator: str = "cvode"  # flow integrator: cvode (BDF, stiff-aware) or dopri5 (explicit reference)
-    rtol: float = 1e-6
-    atol: float = 1e-10
-    cvode_segment: float = 4.0  # cvode: segment length as a multiple of s (restart cost vs. replay on resume)
-    cvode_jacobian: str = "auto"  # cvode: J*v by Hessian-vector products (hvp), difference quotients (dq), or dq early then hvp (auto)
-    cvode_krylov_dim: int = 20  # cvode: GMRES Krylov dimension
-    eta: float = 1.0  # gd/sgd: initial step on log L (i.e. eta / L on L); loss-based: initial alpha; constant-gd: the step on L
-    eta_growth: float = 1.2  # gd: step growth after an accepted step (1 keeps it fixed)
-    max_update_ratio: float = 0.1  # gd/sgd: reject steps with ||dW|| > ratio * ||W||
-    batch_size: int = 512  # sgd
-    chunk_size: int = 0  # examples per forward/backward chunk (0: all at once)
-    # goals
-    target_ln_n_over_L: float = 1000.0
-    max_steps: int = 10_000_000
-    max_wall_seconds: Optional[float] = None  # per invocation: `diralign resume` gets as long again
-    # logging and storage
-    log_every_ln: float = 0.0  # spacing of log points in ln(n/L); 0: target / 200
-    log_step_growth: float = 1.25  # also log at geometrically growing step counts
-    store_directions_max_params: int = 2_000_000  # keep W/||W|| at log points if P <= this
-    checkpoint_every_seconds: float = 30.0
-    checkpoint_every_steps: int = 0  # 0: time-based only
-    distributed: bool = False  # data-parallel under torchrun (see diralign.distributed)
-    distributed_timeout_seconds: float = 300.0  # a collective waiting longer means a rank died or hung
+class TrainConfig(LoggingOptions, GoalOptions, *reversed(DYNAMICS_OPTIONS), ProblemOptions, RuntimeOptions):
+    """The settings every experiment shares (key order: runtime, problem, dynamics, goals, logging)."""
+
+    def __post_init__(self):
+        validate_all(self)
+
+
+SECTION_ORDER = ("runtime", "problem", "dynamics", "goals", "logging")
 
 
 def field_names(config_cls) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls)]
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])} or none"
+    if origin in (tuple, list):
+        return f"list of {_type_name(args[0]) if args else 'str'}"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _convert(raw: str, annotation: Any, key: str):
@@ -85,15 +83,21 @@ def _convert(raw: str, annotation: Any, key: str):
             if math.isnan(value):
                 raise ValueError(raw)
             return value
-    except ValueError:
-        raise UserError(f"--set {key}={raw}: expected {getattr(annotation, '__name__', annotation)}") from None
+    except (ValueError, OverflowError):
+        raise UserError(f"--set {key}={raw}: expected {_type_name(annotation)}") from None
     return raw
 
 
-def apply_overrides(config, pairs: list[str]):
-    """Return a copy of ``config`` with ``key=value`` overrides applied, types checked."""
-    hints = typing.get_type_hints(type(config))
-    valid = field_names(type(config))
+def unknown_key_error(key: str, valid, what: str = "config key") -> UserError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "diralign config EXPERIMENT lists them"
+    return UserError(f"unknown {what} {key!r}; {hint}")
+
+
+def parse_overrides(config_cls, pairs: list[str]) -> dict:
+    """``["key=value", ...]`` to typed ``{key: value}`` (types checked, unknown keys refused)."""
+    hints = typing.get_type_hints(config_cls)
+    valid = field_names(config_cls)
     changes = {}
     for pair in pairs:
         if "=" not in pair:
@@ -101,24 +105,111 @@ def apply_overrides(config, pairs: list[str]):
         key, raw = pair.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in valid:
-            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
+            raise unknown_key_error(key, valid)
         changes[key] = _convert(raw.strip(), hints[key], key)
-    return dataclasses.replace(config, **changes)
+    return changes
+
+
+def apply_overrides(config, pairs: list[str]):
+    """A copy of ``config`` with ``key=value`` overrides applied, types checked, validated."""
+    return dataclasses.replace(config, **parse_overrides(type(config), pairs))
+
+
+def typed_value(config_cls, key: str, value):
+    """A Python keyword value for ``key``, checked like ``--set`` (strings are parsed)."""
+    hints = typing.get_type_hints(config_cls)
+    if key not in hints:
+        raise unknown_key_error(key, field_names(config_cls), "training option")
+    annotation = hints[key]
+    if isinstance(value, str) and annotation is not str:
+        return _convert(value, annotation, key)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def config_to_dict(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(config).items()}
 
 
 def config_from_dict(config_cls, data: dict):
+    if not isinstance(data, dict):
+        raise UserError(f"config.json's 'config' entry is a {type(data).__name__}, not an object; the run directory is damaged")
     hints = typing.get_type_hints(config_cls)
     valid = set(field_names(config_cls))
     kwargs = {}
     for key, value in data.items():
         if key not in valid:
-            raise UserError(f"config.json has unknown key {key!r} for this experiment")
+            raise UserError(f"config.json has unknown key {key!r} for this experiment (written by another diralign version?)")
         origin = typing.get_origin(hints[key])
         if origin in (tuple, list) and value is not None:
+            if not isinstance(value, list):
+                raise UserError(f"config.json: {key} must be a list, got {value!r}; the run directory is damaged")
             value = tuple(value)
         kwargs[key] = value
-    return config_cls(**kwargs)
+    try:
+        config = config_cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"config.json does not fit this experiment ({exc}); the run directory is damaged") from None
+    _check_types(config, hints)
+    return config
+
+
+def _check_types(config, hints) -> None:
+    """Values read back from JSON must have the declared types (a hand-edited file may not)."""
+    values = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        value = values[f.name]
+        annotation = hints[f.name]
+        allowed: tuple = ()
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            if value is None:
+                continue
+            annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+            origin = typing.get_origin(annotation)
+        if origin in (tuple, list):
+            allowed = (tuple,)
+        elif annotation is float:
+            allowed = (float, int)
+        elif annotation in (int, str, bool):
+            allowed = (annotation,)
+        if allowed and (not isinstance(value, allowed) or (annotation in (int, float) and isinstance(value, bool))):
+            raise UserError(f"config.json: {f.name} = {value!r} is not a {_type_name(hints[f.name])}; the run directory is damaged")
+
+
+def describe(config_cls, experiment: str) -> list[dict]:
+    """Every key of ``config_cls``: section, name, type, default, meaning (``diralign config``)."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = dataclasses.asdict(config_cls())
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        rows.append({
+            "section": section_of(config_cls, f.name, default=experiment),
+            "key": f.name,
+            "type": _type_name(hints[f.name]),
+            "default": defaults[f.name],
+            "help": help_of(config_cls, f.name),
+        })
+
+    def order(row):
+        base = row["section"].split(":")[0]
+        return (SECTION_ORDER.index(base) if base in SECTION_ORDER else len(SECTION_ORDER), row["section"])
+
+    return sorted(rows, key=order)
+
+
+def format_description(rows: list[dict]) -> str:
+    lines, section = [], None
+    width = max(len(r["key"]) for r in rows)
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            lines.append(f"{'' if not lines else chr(10)}[{section}]")
+        default = row["default"]
+        shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
+        lines.append(f"  {row['key']:<{width}}  {row['type']:<14} = {shown!s:<12}  {row['help']}")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainConfig", "apply_overrides", "config_from_dict", "config_to_dict", "describe", "parse_overrides"]

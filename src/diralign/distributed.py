@@ -50,18 +50,19 @@ check passed, so the last checkpoint is always valid and ``resume`` continues fr
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
-import json
 import os
 import re
 from datetime import timedelta
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .errors import UserError
 from .problem import Evaluation, combine_log_space
+from .runtime import RuntimeOptions
+from .trainer import Coordinator
 
 
 class DistributedError(UserError):
@@ -72,40 +73,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _override(overrides, name: str, default):
-    """The last ``name=...`` among ``--set`` overrides (same parsing as the config)."""
-    from .config import _convert
-
-    value = default
-    for pair in overrides or []:
-        key, _, raw = pair.partition("=")
-        if key.strip().replace("-", "_") == name:
-            value = _convert(raw.strip(), type(default), name)
-    return value
-
-
-def _device_of(args) -> str:
-    """The device a run or resume will use, known before the experiment is built."""
-    if getattr(args, "command", None) == "resume":
-        try:
-            return str(json.loads((Path(args.dir) / "config.json").read_text())["config"].get("device", "cpu"))
-        except (AttributeError, OSError, ValueError, KeyError, TypeError):
-            return "cpu"  # resume_run reports a bad directory itself
-    return str(_override(getattr(args, "overrides", []), "device", "cpu"))
-
-
-def maybe_init(args) -> Optional["DataParallel"]:
-    """A :class:`DataParallel` context for a torchrun launch, else ``None`` (single process).
+def coordinator_for(command: str, wanted: bool, device: str, run_dir: Optional[str]) -> Optional[DataParallel]:
+    """A :class:`DataParallel` coordinator for a torchrun launch, else ``None`` (single process).
 
     ``run`` needs ``--set distributed=true`` under torchrun (and torchrun for it);
     ``resume`` is distributed exactly when launched by torchrun, whatever the run used before.
     """
-    command = getattr(args, "command", None)
     launched = launched_by_torchrun()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    run_dir = getattr(args, "out", None) or getattr(args, "dir", None)
     if command == "run":
-        wanted = _override(getattr(args, "overrides", []), "distributed", False)
         if wanted and not launched:
             raise UserError(
                 "distributed=true needs a torchrun launch: torchrun --nproc_per_node=N -m diralign run ... --set distributed=true"
@@ -117,14 +93,18 @@ def maybe_init(args) -> Optional["DataParallel"]:
                     "(otherwise every process would train the whole problem into the same directory)"
                 )
             return None
-        return DataParallel.from_env(run_dir, _device_of(args)) if wanted else None
+        return DataParallel.from_env(run_dir, device) if wanted else None
     if command == "resume" and launched:
-        return DataParallel.from_env(run_dir, _device_of(args))
+        return DataParallel.from_env(run_dir, device)
     return None
 
 
-class DataParallel:
-    """The distributed context of one rank; see the module docstring for the design."""
+class DataParallel(Coordinator):
+    """The distributed coordinator of one rank; see the module docstring for the design."""
+
+    # A signal or budget inside a step would stop one rank at one evaluation and the others
+    # at another; ranks stop between steps only (agree()).
+    aborts_inside_steps = False
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: str = "cpu"):
         self.rank = rank
@@ -143,7 +123,7 @@ class DataParallel:
             torch.cuda.set_device(local_rank)
 
     @classmethod
-    def from_env(cls, run_dir: Optional[str] = None, device: str = "cpu") -> "DataParallel":
+    def from_env(cls, run_dir: Optional[str] = None, device: str = "cpu") -> DataParallel:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
         context = cls(rank, world, local, device)
         context.run_dir = None if run_dir is None else str(run_dir)
@@ -154,15 +134,12 @@ class DataParallel:
         return self.rank == 0
 
     # -- setup ----------------------------------------------------------------------
-    def attach(self, setup, config) -> None:
+    def prepare(self, setup, config):
         """Join the process group, check every rank built the same problem, shard it."""
         import torch.distributed as dist
 
         problem = setup.problem
-        self.problem = problem
-        self.timeout = float(getattr(config, "distributed_timeout_seconds", 300.0))
-        if not self.timeout > 0:
-            raise UserError(f"distributed_timeout_seconds must be positive, got {self.timeout}")
+        self.timeout = RuntimeOptions.from_config(config).distributed_timeout_seconds
         device = problem.X.device
         if device.type == "cuda":
             if device.index != self.local_rank:
@@ -192,19 +169,17 @@ class DataParallel:
         self._sizes = [b - a for a, b in self.bounds]
         self._max_size = max(self._sizes)
         start, stop = self.bounds[self.rank]
-        # clone(): keep only this shard alive in the problem (the full set may be freed).
-        problem.X = problem.X[start:stop].clone()
-        problem.y = problem.y[start:stop].clone()
-        problem.shard = (start, stop)
-        problem.reducer = self.reduce
+        self.problem = problem.sharded(start, stop, self.reduce)
+        setup = dataclasses.replace(setup, problem=self.problem)
         setup.info["distributed"] = {
             "world_size": self.world_size,
             "backend": self.backend,
             "sharding": "contiguous blocks [r*n//W, (r+1)*n//W)",
             "reduction": "all_gather float64, log-space combine in rank order",
         }
+        return setup
 
-    def adopt_state(self, state) -> None:
+    def adopt(self, state) -> None:
         """A resumed state (from any number of ranks): check it is complete and shared."""
         if state.ev.margins.numel() != self.problem.n:
             raise UserError(
@@ -251,7 +226,7 @@ class DataParallel:
             reduced = reduced.to(device=grad.device, dtype=grad.dtype)
         return total.to(margins.device), reduced, margins, correct
 
-    def gather_margins(self, ev: Evaluation) -> Evaluation:
+    def complete(self, ev: Evaluation) -> Evaluation:
         """The same evaluation with all ``n`` margins, in example order, on every rank."""
         if ev.margins.numel() == self.problem.n:  # already complete (log point, checkpoint, resume)
             return ev
@@ -263,7 +238,7 @@ class DataParallel:
 
     def check_in_sync(self, state) -> None:
         """Before each checkpoint: complete margins in the state, equal parameters everywhere."""
-        state.ev = self.gather_margins(state.ev)
+        state.ev = self.complete(state.ev)
         self._check_same([_digest(state.w), _digest(state.ev.margins)], f"parameters at step {state.steps}")
 
     def agree(self, wall: float, due: bool, stop: bool) -> tuple[float, bool, bool]:
@@ -294,4 +269,4 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {gist[:160]}" if gist else type(exc).__name__
 
 
-__all__ = ["DataParallel", "DistributedError", "launched_by_torchrun", "maybe_init"]
+__all__ = ["DataParallel", "DistributedError", "coordinator_for", "launched_by_torchrun"]

@@ -3,7 +3,7 @@
 Nothing here ever materialises ``L``; every function works with ``log L`` and with
 per-example ``log l(z)``.  Example::
 
-    python -c "import torch, diralign; print(diralign.log_risk(torch.full((10,), 1e5, dtype=torch.float64), 'logistic'))"
+    python -c "import torch; from diralign.losses import log_risk; print(log_risk(torch.full((10,), 1e5, dtype=torch.float64), 'logistic'))"
 
 prints ``ln(10) - 1e5`` to full precision, with a finite gradient.
 """

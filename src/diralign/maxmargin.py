@@ -255,3 +255,14 @@ def covering_epsilon(directions_t0, limit_directions, signs, step: float = 0.01)
         nearest = (fine @ group.T).max(axis=1)
         cover = max(cover, float(np.sqrt(np.maximum(2.0 - 2.0 * nearest, 0.0)).max()))
     return max(moved, cover + radius)
+
+
+def svm_summary(X, y, direction) -> dict:
+    """Cosine of a learned input-space direction (a torch tensor) with the hard-margin SVM's."""
+    try:
+        svm = hard_margin_svm(X, y)
+    except ValueError:
+        return {"svm_cos": None, "svm_margin": None}
+    d = direction.detach().cpu().double().numpy()
+    cos = float(d @ svm.direction / max(float((d @ d) ** 0.5), 1e-300))
+    return {"svm_cos": cos, "svm_margin": svm.margin}

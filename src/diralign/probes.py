@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import losses
@@ -154,3 +155,13 @@ def saliency_directions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
         (g,) = torch.autograd.grad(out.sum(), x)
     g = g.reshape(g.shape[0], -1)
     return g / g.norm(dim=1, keepdim=True).clamp(min=torch.finfo(g.dtype).tiny)
+
+
+def surface_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """RMS distance of two surfaces, each first divided by its own RMS (scale-free)."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    na, nb = np.sqrt(np.mean(a * a)), np.sqrt(np.mean(b * b))
+    if na == 0 or nb == 0:
+        return float("nan")
+    return float(np.sqrt(np.mean((a / na - b / nb) ** 2)))

@@ -11,8 +11,9 @@ log space, ``log L = logsumexp_c log L_c`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -38,10 +39,11 @@ def is_multiclass_output(out: torch.Tensor) -> bool:
 class Problem:
     """Model + data + loss, seen through a flat parameter vector.
 
-    ``reducer`` (optional) combines the per-shard ``(log_risk, grad, margins)`` across
-    processes; the single-process default is the identity.  It may return a fourth item,
-    the global count of correctly classified examples, and then keep only this process's
-    margins (``diralign.distributed`` does; margins are gathered at log points).
+    ``reducer`` (optional, see :meth:`sharded`) combines the per-shard
+    ``(log_risk, grad, margins)`` across processes into ``(log_risk, grad, margins,
+    correct)``: the global risk and gradient, this process's margins, and the global count
+    of correctly classified examples (``diralign.distributed``; margins are gathered at log
+    points).
     """
 
     def __init__(
@@ -77,6 +79,14 @@ class Problem:
         self.device = first.device
         self.buffers = {name: b for name, b in model.named_buffers()}
         self.multiclass = y.dtype in (torch.int64, torch.int32)
+
+    def sharded(self, start: int, stop: int, reducer: Callable) -> Problem:
+        """This problem on examples ``[start, stop)`` only, its oracle combined by ``reducer``."""
+        # clone(): keep only the shard alive (the full data may be freed).
+        shard = Problem(self.model, self.X[start:stop].clone(), self.y[start:stop].clone(), self.loss, self.degree,
+                        self.chunk_size, reducer=reducer, n_total=self.n)
+        shard.shard = (start, stop)
+        return shard
 
     # -- parameters ---------------------------------------------------------------
     def flat_params(self) -> torch.Tensor:
@@ -174,18 +184,12 @@ class Problem:
         size = self.chunk_size or n_local
         parts = ((self.X[a : a + size], self.y[a : a + size]) for a in range(0, n_local, size))
         log_risk, grad, margins = self._accumulate(w, parts, need_grad)
-        correct = None
         if self.reducer is not None:
-            reduced = self.reducer(log_risk, grad, margins)
-            log_risk, grad, margins = reduced[:3]
             # A distributed reducer keeps this shard's margins and returns the global count.
-            correct = reduced[3] if len(reduced) > 3 else None
-        return Evaluation(
-            log_risk=float(log_risk),
-            grad=grad,
-            margins=margins,
-            correct=int((margins > 0).sum()) if correct is None else int(correct),
-        )
+            log_risk, grad, margins, correct = self.reducer(log_risk, grad, margins)
+        else:
+            correct = int((margins > 0).sum())
+        return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=int(correct))
 
     def evaluate_subset(self, w: torch.Tensor, index: torch.Tensor, need_grad: bool = True) -> Evaluation:
         """The oracle on the examples ``index`` only (an SGD minibatch), chunked.
@@ -205,13 +209,11 @@ class Problem:
             log_risk, grad, margins = self._accumulate(w, parts, need_grad)
         else:  # no member of B on this process: L_r = 0
             log_risk, grad, margins = w.new_tensor(float("-inf")), w.new_zeros(self.dim) if need_grad else None, w.new_zeros(0)
-        correct = None
-        if self.reducer is not None and self.shard is not None:
-            reduced = self.reducer(log_risk, grad, margins)
-            log_risk, grad, margins = reduced[:3]
-            correct = reduced[3] if len(reduced) > 3 else None
-        correct = int((margins > 0).sum()) if correct is None else int(correct)
-        return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=correct)
+        if self.reducer is not None:
+            log_risk, grad, margins, correct = self.reducer(log_risk, grad, margins)
+        else:
+            correct = int((margins > 0).sum())
+        return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=int(correct))
 
     def minibatch(self, w: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log L_B, grad log L_B)`` as tensors on the problem's device: the sgd hot path.
@@ -223,7 +225,7 @@ class Problem:
         Under torch.distributed the reducer's collectives synchronise anyway, so that case
         goes through :meth:`evaluate_subset`.
         """
-        if self.shard is not None:
+        if self.reducer is not None or self.shard is not None:
             ev = self.evaluate_subset(w, index)
             return w.new_tensor(ev.log_risk, dtype=torch.float64), ev.grad
         size = self.chunk_size or max(index.numel(), 1)

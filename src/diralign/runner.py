@@ -1,4 +1,4 @@
-"""Start, resume and summarise runs: config -> setup -> dynamics -> store.
+"""Start, resume and summarise runs: config -> setup -> dynamics -> trainer -> run directory.
 
     diralign run deep-linear --out runs/dl      # CLI front end of start_run
     diralign resume runs/dl                     # resume_run
@@ -16,52 +16,14 @@ import torch
 
 from . import losses, probes
 from .config import apply_overrides, config_from_dict, config_to_dict
-from .dynamics import make_dynamics
+from .dynamics import describe_dynamics, make_dynamics
 from .errors import UserError
 from .experiments import Experiment, get_experiment
 from .models.homogeneity import homogeneity_degree
 from .models.structure import nonsmooth_operations
-from .store import RunDir, finite_or_none, read_array_log, versions
-from .trainer import TrainContext, TrainState, initial_state, prepare_context, train_loop
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-SUMMARY_KEYS = (
-    "ln_n_over_L",
-    "log_risk",
-    "smoothed_margin",
-    "min_normalized_margin",
-    "alignment_cos",
-    "path_length",
-    "param_norm",
-    "homogeneity_degree",
-    "train_accuracy",
-    "steps",
-    "grad_evals",
-    "rejected_steps",
-    "wall_seconds",
-)
-
-
-def resolve_dtype_device(config):
-    if config.dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise UserError(f"unknown device {config.device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda requested but no CUDA device is available; use --set device=cpu")
-    return DTYPES[config.dtype], device
-
-
-def apply_runtime_settings(config) -> None:
-    from .allocator import keep_freed_memory
-
-    if int(config.threads) > 0:
-        torch.set_num_threads(int(config.threads))
-    torch.manual_seed(int(config.seed))
-    keep_freed_memory()  # big activations are reused, not page-faulted back every step
+from .rundir import Run, RunWriter, schema
+from .runtime import RuntimeOptions, apply_runtime_settings, resolve_dtype_device
+from .trainer import Coordinator, GoalOptions, LoggingOptions, Trainer, TrainState, initial_state
 
 
 def assumption_report(setup, config) -> dict:
@@ -138,160 +100,173 @@ class Progress:
             self.bar.close()
 
 
+def versions() -> dict:
+    import platform
+    import sys
+
+    import numpy
+    import scipy
+
+    out = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
+    try:
+        from importlib.metadata import version
+
+        out["diralign"] = version("diralign")
+    except Exception:  # pragma: no cover - running from a source tree
+        out["diralign"] = "unknown"
+    return out
+
+
 def _experiment(spec) -> Experiment:
     """A registry name, or an Experiment instance (the Python API's in-memory runs)."""
     return spec if isinstance(spec, Experiment) else get_experiment(spec)
 
 
-def build(experiment_name, config):
-    experiment = _experiment(experiment_name)
-    dtype, device = resolve_dtype_device(config)
-    apply_runtime_settings(config)
+def build(experiment, config, coordinator: Coordinator):
+    runtime = RuntimeOptions.from_config(config)
+    dtype, device = resolve_dtype_device(runtime)
+    apply_runtime_settings(runtime)
     setup = experiment.setup(config, dtype, device)
     problem = setup.problem
-    if int(config.threads) == 0 and problem.device.type == "cpu" and problem.dim * problem.X.shape[0] < 2_000_000:
+    if runtime.threads == 0 and problem.device.type == "cpu" and problem.dim * problem.X.shape[0] < 2_000_000:
         # Tiny problems (deep linear, small nets): one gradient costs tens of
         # microseconds, less than waking a second BLAS/OpenMP thread; and on a shared
         # machine spinning threads make every evaluation wait on the slowest core.
         torch.set_num_threads(1)
-    return experiment, setup
+    return coordinator.prepare(setup, config)
 
 
-def start_run(experiment_name, overrides: list[str], out, force: bool = False, quiet: bool = False, distributed=None):
-    experiment = _experiment(experiment_name)
-    experiment_name = experiment.name
-    config = apply_overrides(experiment.default_config(), overrides)
-    is_writer = distributed is None or distributed.rank == 0
-    if is_writer:
-        RunDir.check_target(out, force=force)
-    # Build and validate everything before touching the disk: a bad setting must not
-    # leave a half-made run directory, nor delete the run that --force would replace.
-    experiment, setup = build(experiment, config)
-    make_dynamics(setup.problem, config)
-    store = RunDir.create(out, force=force) if is_writer else None
-    if distributed is not None:
-        distributed.attach(setup, config)
+def start_run(experiment, config, out, force: bool = False, quiet: bool = False, coordinator: Optional[Coordinator] = None):
+    """Run ``experiment`` (a name or an instance) with ``config`` into ``out``.
+
+    ``config``: the experiment's config object, or a list of ``key=value`` overrides of its
+    defaults (parsed and validated here, once)."""
+    experiment = _experiment(experiment)
+    if isinstance(config, (list, tuple)):
+        config = apply_overrides(experiment.default_config(), list(config))
+    coordinator = coordinator or Coordinator()
+    if coordinator.is_writer:
+        RunWriter.check_target(out, force=force)
+    # Build everything before touching the disk: a bad setting must not leave a half-made
+    # run directory, nor delete the run that --force would replace.
+    setup = build(experiment, config, coordinator)
+    meta = {
+        schema.META_EXPERIMENT: experiment.name,
+        schema.META_CONFIG: config_to_dict(config),
+        schema.META_SEED: config.seed,
+        schema.META_DATA: setup.info,
+        schema.META_PARAMETERS: setup.problem.dim,
+        schema.META_VERSIONS: versions(),
+        schema.META_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     state = initial_state(setup.problem, setup.w0)
     setup.extras["initial_evaluation"] = state.ev
     report = assumption_report(setup, config)
-    if store is not None:
-        store.write_json(
-            "config.json",
-            {
-                "experiment": experiment_name,
-                "config": config_to_dict(config),
-                "seed": config.seed,
-                "data": setup.info,
-                "parameters": setup.problem.dim,
-                "versions": versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-        )
-        store.write_json("assumptions.json", finite_or_none_dict(report))
-    if not quiet and is_writer:
-        print(format_assumptions(report), flush=True)
-    return _run(experiment, setup, config, store, state, quiet, experiment_name, distributed)
+    store = None
+    if coordinator.is_writer:
+        store = RunWriter.create(out, force=force, experiment=experiment.name)
+        store.write_json(schema.CONFIG, meta)
+        store.write_json(schema.ASSUMPTIONS, report)
+        if not quiet:
+            print(format_assumptions(report), flush=True)
+    return _run(experiment, setup, config, store, state, quiet, coordinator)
 
 
-def resume_run(path, quiet: bool = False, distributed=None, experiment=None):
+def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = None, experiment=None):
     path = Path(path)
-    is_writer = distributed is None or distributed.rank == 0
-    store = RunDir.open_existing(path)
-    meta = store.read_json("config.json")
+    coordinator = coordinator or Coordinator()
+    run = Run(path)
+    if experiment is not None and experiment.name != run.experiment:
+        raise UserError(f"{path} is a {run.experiment!r} run, not {experiment.name!r}")
+    experiment = experiment if experiment is not None else get_experiment(run.experiment)
+    store = RunWriter.open_existing(path, experiment.name)
     payload = store.load_checkpoint()
-    if experiment is not None and experiment.name != meta["experiment"]:
-        raise UserError(f"{path} is a {meta['experiment']!r} run, not {experiment.name!r}")
-    experiment = experiment if experiment is not None else get_experiment(meta["experiment"])
-    config = config_from_dict(experiment.Config, meta["config"])
-    experiment, setup = build(experiment, config)
-    if distributed is not None:
-        distributed.attach(setup, config)
+    if not isinstance(payload.get("state"), dict) or "w" not in payload["state"]:
+        raise UserError(f"{path / schema.CHECKPOINT} holds no training state; restore the run's own checkpoint")
+    config = config_from_dict(experiment.Config, run.config)
+    setup = build(experiment, config, coordinator)
     problem = setup.problem
     if payload["state"]["w"].numel() != problem.dim:
-        raise UserError(f"{path}/checkpoint.pt holds {payload['state']['w'].numel()} parameters but this run's model has {problem.dim}; it belongs to another run")
+        raise UserError(f"{path / schema.CHECKPOINT} holds {payload['state']['w'].numel()} parameters but this run's model "
+                        f"has {problem.dim}; it belongs to another run")
     state = TrainState.from_payload(payload["state"], problem.device, problem.dtype)
-    if distributed is not None:
-        distributed.adopt_state(state)
-    if not is_writer:
+    coordinator.adopt(state)
+    if not coordinator.is_writer:
         store = None
-    return _run(experiment, setup, config, store, state, quiet, meta["experiment"], distributed, payload=payload)
+    return _run(experiment, setup, config, store, state, quiet, coordinator, payload=payload)
 
 
-def finite_or_none_dict(d: dict) -> dict:
-    return {k: (finite_or_none_dict(v) if isinstance(v, dict) else finite_or_none(v)) for k, v in d.items()}
-
-
-def _run(experiment, setup, config, store, state, quiet, experiment_name, distributed, payload=None):
+def _run(experiment, setup, config, store, state, quiet, coordinator, payload=None):
     problem = setup.problem
     dynamics = make_dynamics(problem, config)
-    ctx = TrainContext(
-        problem=problem,
-        dynamics=dynamics,
-        config=config,
-        store=store,
-        callbacks=experiment.callbacks(setup, config),
-        quiet=quiet,
-        is_writer=store is not None,
-        distributed=distributed,
-    )
-    prepare_context(ctx)
+    trainer = Trainer(problem, dynamics, GoalOptions.from_config(config), LoggingOptions.from_config(config), store=store,
+                      callbacks=experiment.callbacks(setup, config), coordinator=coordinator)
     if store is not None:
-        store.open_logs(ctx.columns, problem.n, problem.dim if ctx.store_directions else 0, "<f8" if problem.dtype == torch.float64 else "<f4")
-        if payload is not None:
-            store.truncate_to(payload["positions"])
+        direction_dtype = "<f8" if problem.dtype == torch.float64 else "<f4"
+        store.open_logs(trainer.columns, problem.n, problem.dim if trainer.store_directions else 0, direction_dtype,
+                        positions=None if payload is None else payload["positions"])
     if payload is not None:
         dynamics.load_state_dict(payload["dynamics"])
-    progress = Progress(ctx.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
+    progress = Progress(trainer.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
     try:
-        state = train_loop(ctx, state, progress)
+        state = trainer.train(state, progress)
     finally:
         progress.close()
-    summary = summarize(setup, state, config, dynamics)
+        for cb in trainer.callbacks:
+            cb.close()
+        if store is not None:
+            store.close()
+    summary = summarize(experiment, setup, state, config, dynamics)
     summary.update(experiment.finish(setup, state, store, config))
     if store is not None:
         finish_store(store, setup, state, summary)
-        store.close()
     return summary, state, setup
 
 
-def summarize(setup, state, config, dynamics) -> dict:
+def summarize(experiment, setup, state, config, dynamics) -> dict:
     problem = setup.problem
     row = probes.panel(problem, state.w, state.ev, problem.degree)
-    summary = {
-        "ln_n_over_L": row["ln_n_over_L"],
-        "log_risk": row["log_risk"],
-        "smoothed_margin": row["smoothed_margin"],
-        "min_normalized_margin": row["min_normalized_margin"] if problem.degree else None,
-        "alignment_cos": row.get("alignment_cos"),
-        "path_length": state.path_length,
-        "param_norm": row["param_norm"],
+    homogeneous = problem.degree is not None
+    summary = {key: row.get(key) for key in (
+        schema.LN_N_OVER_L, schema.LOG_RISK, schema.SMOOTHED_MARGIN, schema.ALIGNMENT_COS, schema.PARAM_NORM,
+        schema.TRAIN_ACCURACY)}
+    summary.update({
+        schema.MIN_NORMALIZED_MARGIN: row[schema.MIN_NORMALIZED_MARGIN] if homogeneous else None,
+        schema.NORMALIZED_SMOOTHED_MARGIN: row[schema.NORMALIZED_SMOOTHED_MARGIN] if homogeneous else None,
+        schema.BETA: row.get(schema.BETA) if homogeneous else None,
+        schema.PATH_LENGTH: state.path_length,
         "homogeneity_degree": problem.degree,
-        "train_accuracy": row["train_accuracy"],
         "steps": state.steps,
-        "grad_evals": state.grad_evals,
-        "rejected_steps": state.rejected_steps,
-        "wall_seconds": state.wall_seconds,
-        "normalized_smoothed_margin": row["normalized_smoothed_margin"] if problem.degree else None,
-        "beta": row.get("beta") if problem.degree else None,
-        "dynamics": config.dynamics + (f"/{config.integrator}" if config.dynamics == "flow" else ""),
+        schema.GRAD_EVALS: state.grad_evals,
+        schema.REJECTED_STEPS: state.rejected_steps,
+        schema.WALL_SECONDS: state.wall_seconds,
+        "dynamics": describe_dynamics(config),
         "faithful_to_flow": bool(dynamics.faithful_to_flow),
         "stop_reason": state.stop_reason,
         "first_separable_step": state.first_separable_step,
         "first_separable_ln_n_over_L": state.first_separable_ln,
         "assumption_2_3_step": state.below_loss_at_zero_step,
-    }
+    })
+    for milestone in schema.ALIGNMENT_MILESTONES:
+        summary[schema.milestone_key(milestone)] = state.milestones.get(f"{milestone:g}")
+    schema.check_summary(experiment.name, summary)
     return summary
 
 
-def finish_store(store: RunDir, setup, state, summary: dict) -> None:
+def finish_store(store: RunWriter, setup, state, summary: dict) -> None:
     problem = setup.problem
     norm = float(state.w.norm())
     final = probes.normalized_margins(state.ev.margins, norm, problem.degree)
-    np.save(store.path / "final_margins.npy", final.detach().cpu().double().numpy())
-    directions = read_array_log(store.path, "directions")
+    store.write_npy(schema.FINAL_MARGINS, final.detach().cpu().double().numpy())
+    directions = Run(store.path).directions
     if directions is not None and len(directions):
         final_dir = (state.w / norm).detach().cpu().double().numpy()
         chords = np.linalg.norm(np.asarray(directions, dtype=np.float64) - final_dir, axis=1)
-        angles = 2.0 * np.arcsin(np.clip(chords / 2.0, 0.0, 1.0))
-        np.save(store.path / "angle_to_final.npy", angles)
-    store.write_json("summary.json", {k: finite_or_none(v) for k, v in summary.items()})
+        store.write_npy(schema.ANGLE_TO_FINAL, 2.0 * np.arcsin(np.clip(chords / 2.0, 0.0, 1.0)))
+    store.write_summary(summary)

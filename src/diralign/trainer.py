@@ -1,8 +1,16 @@
-"""The training loop: goals, log schedule, checkpoints, signals.  No experiment logic:
-experiments plug in through :class:`Callback` objects."""
+"""The training loop, the only one: goals, log schedule, milestones, checkpoints, signals.
+
+    python -c "from diralign.trainer import Trainer; help(Trainer)"
+
+No experiment logic: experiments plug in through :class:`Callback` objects, data
+parallelism through a :class:`Coordinator` (``diralign.distributed`` provides the
+multi-process one), and storage through an optional run-directory writer.  The same loop
+trains the NTK model of Fig. 1 and follows dynamics in the benchmarks (``store=None``).
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
@@ -13,15 +21,57 @@ import numpy as np
 import torch
 
 from . import probes
-from .dynamics import Dynamics
+from .dynamics import Dynamics, StepAborted
+from .errors import UserError
+from .losses import log_loss_at_zero
+from .options import Options, option
 from .problem import Evaluation, Problem
-from .store import RunDir
+from .rundir import schema
 
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint has been written."""
 
 
+# -- options ------------------------------------------------------------------------------
+@dataclass
+class GoalOptions(Options):
+    SECTION = "goals"
+    target_ln_n_over_L: float = option(1000.0, "train until ln(n/L) reaches this (the paper's axis)")  # noqa: N815
+    max_steps: int = option(10_000_000, "stop after this many accepted steps")
+    max_wall_seconds: Optional[float] = option(
+        None, "wall-clock budget per invocation, honoured inside long steps (diralign resume gets as long again)"
+    )
+
+    def validate(self) -> None:
+        target = self.target_ln_n_over_L
+        if target is not None and not math.isfinite(target):
+            raise UserError(f"target_ln_n_over_L must be a finite number, got {target}")
+        if self.max_steps < 0:
+            raise UserError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_wall_seconds is not None and not (self.max_wall_seconds > 0 and math.isfinite(self.max_wall_seconds)):
+            raise UserError(f"max_wall_seconds must be a positive number of seconds (or none), got {self.max_wall_seconds}")
+
+
+@dataclass
+class LoggingOptions(Options):
+    SECTION = "logging"
+    log_every_ln: float = option(0.0, "spacing of log points in ln(n/L); 0: target / 200")
+    log_step_growth: float = option(1.25, "also log at geometrically growing step counts (this factor)")
+    store_directions_max_params: int = option(2_000_000, "keep W/||W|| at log points (angle to final) if P <= this")
+    checkpoint_every_seconds: float = option(30.0, "checkpoint at least this often (seconds of training)")
+    checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: time-based only)")
+
+    def validate(self) -> None:
+        if not (self.log_every_ln >= 0 and math.isfinite(self.log_every_ln)):
+            raise UserError(f"log_every_ln must be >= 0 (0: target / 200), got {self.log_every_ln}")
+        if not self.log_step_growth >= 1:
+            raise UserError(f"log_step_growth must be >= 1 (1: a log point every step), got {self.log_step_growth}")
+        if not self.checkpoint_every_seconds > 0 or self.checkpoint_every_steps < 0:
+            raise UserError("checkpoint_every_seconds must be positive and checkpoint_every_steps >= 0")
+
+
+# -- state --------------------------------------------------------------------------------
 @dataclass
 class TrainState:
     w: torch.Tensor
@@ -38,6 +88,7 @@ class TrainState:
     first_separable_ln: Optional[float] = None
     below_loss_at_zero_step: Optional[int] = None  # Assumption 2.3 first holds here
     stop_reason: Optional[str] = None
+    milestones: dict = field(default_factory=dict)  # f"{m:g}" -> alignment cos measured at ln(n/L) = m
     callbacks: dict = field(default_factory=dict)
 
     def to_payload(self) -> dict:
@@ -46,11 +97,12 @@ class TrainState:
             "w": self.w,
             "ev": {"log_risk": ev.log_risk, "grad": ev.grad, "margins": ev.margins, "correct": ev.correct},
             **{k: getattr(self, k) for k in _SCALAR_FIELDS},
+            "milestones": dict(self.milestones),
             "callbacks": self.callbacks,
         }
 
     @classmethod
-    def from_payload(cls, payload: dict, device, dtype) -> "TrainState":
+    def from_payload(cls, payload: dict, device, dtype) -> TrainState:
         ev = payload["ev"]
         evaluation = Evaluation(
             log_risk=ev["log_risk"],
@@ -61,162 +113,64 @@ class TrainState:
         state = cls(w=payload["w"].to(device=device, dtype=dtype), ev=evaluation)
         for key in _SCALAR_FIELDS:
             setattr(state, key, payload[key])
+        state.milestones = dict(payload.get("milestones", {}))
         state.callbacks = payload.get("callbacks", {})
         return state
 
 
 _SCALAR_FIELDS = (
-    "steps",
-    "grad_evals",
-    "rejected_steps",
-    "wall_seconds",
-    "path_length",
-    "next_log_ln",
-    "next_log_step",
-    "last_logged_step",
-    "first_separable_step",
-    "first_separable_ln",
-    "below_loss_at_zero_step",
-    "stop_reason",
+    "steps", "grad_evals", "rejected_steps", "wall_seconds", "path_length", "next_log_ln", "next_log_step",
+    "last_logged_step", "first_separable_step", "first_separable_ln", "below_loss_at_zero_step", "stop_reason",
 )
 
 
+def initial_state(problem: Problem, w0: torch.Tensor) -> TrainState:
+    return TrainState(w=w0, ev=problem.evaluate(w0), grad_evals=1)
+
+
+# -- plug-ins -----------------------------------------------------------------------------
 class Callback:
     """Experiment hooks.  State they keep goes in ``state.callbacks[self.key]`` so that it
     is checkpointed with the run."""
 
     key = "callback"
 
-    def on_step(self, ctx: "TrainContext", state: TrainState) -> None:
+    def on_step(self, trainer: Trainer, state: TrainState) -> None:
         pass
 
-    def on_log(self, ctx: "TrainContext", state: TrainState, row: dict) -> None:
+    def on_log(self, trainer: Trainer, state: TrainState, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
-@dataclass
-class TrainContext:
-    problem: Problem
-    dynamics: Dynamics
-    config: object
-    store: Optional[RunDir]
-    callbacks: list
-    quiet: bool = False
-    is_writer: bool = True  # rank 0 in distributed runs
-    distributed: Optional[object] = None  # diralign.distributed.DataParallel under torchrun
-    groups: dict = field(default_factory=dict)
-    columns: list = field(default_factory=list)
-    store_directions: bool = False
-    session_wall_start: float = 0.0  # state.wall_seconds when this train_loop call began
+class Coordinator:
+    """A single process: every decision is its own.  ``diralign.distributed.DataParallel``
+    implements the same methods with collectives, so the loop never asks which it has."""
 
-    @property
-    def target(self) -> float:
-        return float(self.config.target_ln_n_over_L)
+    is_writer = True
+    # Whether a long step may be abandoned mid-way on a signal or budget: only where every
+    # process would abandon it at the same evaluation (a single process).
+    aborts_inside_steps = True
 
-    @property
-    def log_spacing(self) -> float:
-        spacing = float(self.config.log_every_ln)
-        return spacing if spacing > 0 else max(self.target / 200.0, 1e-3)
+    def prepare(self, setup, config):
+        """The experiment's setup as this process will train it (a shard of it, for data parallelism)."""
+        return setup
 
+    def adopt(self, state: TrainState) -> None:
+        """A resumed state: check it fits the problem (and is shared by every process)."""
 
-BASE_COLUMNS = [
-    "step",
-    "grad_evals",
-    "rejected_steps",
-    "wall_seconds",
-    "ln_n_over_L",
-    "log_risk",
-    "smoothed_margin",
-    "normalized_smoothed_margin",
-    "beta",
-    "min_margin",
-    "min_normalized_margin",
-    "param_norm",
-    "grad_norm",
-    "alignment_cos",
-    "path_length",
-    "train_accuracy",
-    "below_loss_at_zero",
-]
+    def complete(self, ev: Evaluation) -> Evaluation:
+        """The evaluation with all ``n`` margins (a shard's process gathers the others')."""
+        return ev
 
+    def agree(self, wall: float, due: bool, stop: bool) -> tuple[float, bool, bool]:
+        """The shared wall clock, checkpoint decision and stop decision."""
+        return wall, due, stop
 
-def prepare_context(ctx: TrainContext) -> None:
-    ctx.groups = probes.block_groups(ctx.problem.names)
-    block_columns = []
-    for key in ctx.groups:
-        block_columns += [f"share:{key}", f"alignment_cos:{key}"]
-    ctx.columns = BASE_COLUMNS + block_columns
-    ctx.store_directions = ctx.problem.dim <= int(ctx.config.store_directions_max_params)
-
-
-def initial_state(problem: Problem, w0: torch.Tensor) -> TrainState:
-    ev = problem.evaluate(w0)
-    return TrainState(w=w0, ev=ev, grad_evals=1)
-
-
-def make_row(ctx: TrainContext, state: TrainState) -> dict:
-    row = probes.panel(ctx.problem, state.w, state.ev, ctx.problem.degree)
-    row.update(
-        step=state.steps,
-        grad_evals=state.grad_evals,
-        rejected_steps=state.rejected_steps,
-        wall_seconds=state.wall_seconds,
-        path_length=state.path_length,
-    )
-    if state.ev.grad is not None:
-        row.update(probes.block_panel(ctx.problem, state.w, state.ev.grad, ctx.groups, row.get("alignment_cos")))
-    return row
-
-
-def log_point(ctx: TrainContext, state: TrainState) -> dict:
-    if state.ev.grad is None:
-        # Dynamics that skip the full-data gradient between log points (minibatch sgd)
-        # get it here, so alignment is measured at every log point.
-        state.ev = ctx.problem.evaluate(state.w)
-        state.grad_evals += 1
-    if ctx.distributed is not None:  # each rank holds its shard's margins; log all n
-        state.ev = ctx.distributed.gather_margins(state.ev)
-    row = make_row(ctx, state)
-    s = row["ln_n_over_L"]
-    spacing = ctx.log_spacing
-    state.next_log_ln = (math.floor(s / spacing) + 1) * spacing
-    state.next_log_step = max(state.steps + 1, int(math.ceil(state.steps * float(ctx.config.log_step_growth))))
-    state.last_logged_step = state.steps
-    if ctx.store is not None and ctx.is_writer:
-        norm = row["param_norm"]
-        margins = probes.normalized_margins(state.ev.margins, norm, ctx.problem.degree)
-        direction = None
-        if ctx.store_directions:
-            direction = (state.w / norm).detach().cpu().numpy()
-        ctx.store.append_row(row, margins.detach().cpu().numpy().astype(np.float32), direction)
-    for cb in ctx.callbacks:
-        cb.on_log(ctx, state, row)
-    return row
-
-
-def checkpoint(ctx: TrainContext, state: TrainState) -> None:
-    if ctx.distributed is not None:  # all ranks: gather margins, compare parameter hashes
-        ctx.distributed.check_in_sync(state)
-    if ctx.store is None or not ctx.is_writer:
-        return
-    payload = {
-        "state": state.to_payload(),
-        "dynamics": ctx.dynamics.state_dict(),
-        "positions": ctx.store.positions(),
-    }
-    ctx.store.save_checkpoint(payload)
-
-
-def goal_reached(ctx: TrainContext, state: TrainState, s: float) -> Optional[str]:
-    if s >= ctx.target:
-        return "target_ln_n_over_L"
-    if state.steps >= int(ctx.config.max_steps):
-        return "max_steps"
-    # A budget per invocation (a cluster job's time limit), so `diralign resume` continues.
-    session = state.wall_seconds - ctx.session_wall_start
-    if ctx.config.max_wall_seconds is not None and session >= float(ctx.config.max_wall_seconds):
-        return "max_wall_seconds"
-    return None
+    def check_in_sync(self, state: TrainState) -> None:
+        """Before a checkpoint: the state is complete and identical on every process."""
 
 
 class _SignalFlag:
@@ -240,76 +194,197 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def train_loop(ctx: TrainContext, state: TrainState, progress=None) -> TrainState:
-    """Advance ``state`` until a goal is met, logging and checkpointing on the way."""
-    if not ctx.columns:
-        prepare_context(ctx)
-    config = ctx.config
-    n = ctx.problem.n
-    every_seconds = float(config.checkpoint_every_seconds)
-    every_steps = int(config.checkpoint_every_steps)
-    start = time.perf_counter()
-    wall_at_start = state.wall_seconds
-    ctx.session_wall_start = wall_at_start
-    last_checkpoint = start
-    direction = direction_of = None  # W/||W|| and the W it belongs to (path length)
-    with _SignalFlag() as flag:
-        while True:
-            if ctx.distributed is None:  # distributed: rank 0's clock, shared by agree() below
-                state.wall_seconds = wall_at_start + (time.perf_counter() - start)
-            s = math.log(n) - state.ev.log_risk
-            _note_milestones(ctx, state, s)
-            if state.steps >= state.next_log_step or s >= state.next_log_ln:
-                row = log_point(ctx, state)
-                if progress is not None:
-                    progress(state, row)
-            reason = goal_reached(ctx, state, s)
-            if reason is not None:
-                state.stop_reason = reason
-                break
-            if direction_of is not state.w:  # W/||W|| of the last step is reused (one pass less)
-                direction, direction_of = state.w / state.w.norm(), state.w
-            old_direction = direction
-            ctx.dynamics.gradient_wanted = state.steps + 1 >= state.next_log_step  # see Dynamics.gradient_wanted
-            result = ctx.dynamics.step(state.w, state.ev, target=ctx.target)
-            state.w, state.ev = result.w, result.ev
-            state.steps += 1
-            state.grad_evals += result.grad_evals
-            state.rejected_steps += result.rejected
-            direction, direction_of = state.w / state.w.norm(), state.w
-            state.path_length += float((direction - old_direction).norm())
-            for cb in ctx.callbacks:
-                cb.on_step(ctx, state)
-            now = time.perf_counter()
-            due = (every_steps > 0 and state.steps % every_steps == 0) or (now - last_checkpoint >= every_seconds)
-            stop = flag.signum is not None
-            if ctx.distributed is not None:
-                # Every rank must branch alike: rank 0's clock and checkpoint decision,
-                # and stop if any rank was signalled.
-                state.wall_seconds, due, stop = ctx.distributed.agree(wall_at_start + (now - start), due, stop)
-            if due:
-                if ctx.distributed is None:
-                    state.wall_seconds = wall_at_start + (now - start)
-                checkpoint(ctx, state)
-                last_checkpoint = time.perf_counter()
-            if stop:
-                if ctx.distributed is None:
-                    state.wall_seconds = wall_at_start + (time.perf_counter() - start)
-                checkpoint(ctx, state)
-                raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank")
-    if state.last_logged_step != state.steps:
-        row = log_point(ctx, state)
-        if progress is not None:
-            progress(state, row)
-    checkpoint(ctx, state)
-    return state
+# -- the loop -------------------------------------------------------------------------------
+class Trainer:
+    """Advance a :class:`TrainState` to its goals with one dynamics.
 
+    ``store``: a :class:`~diralign.rundir.RunWriter` (logs, checkpoints) or ``None`` (an
+    in-memory run: the NTK of Fig. 1, a benchmark's follower).  ``goals`` and ``logging``
+    are the parts of the config the loop reads; ``milestones`` are the ``ln(n/L)`` values
+    at which alignment is measured exactly (``alignment_cos_at_ln10`` ...): the dynamics is
+    asked to land on each, so the value does not depend on the run's target.
+    """
 
-def _note_milestones(ctx: TrainContext, state: TrainState, s: float) -> None:
-    from .losses import log_loss_at_zero
+    def __init__(self, problem: Problem, dynamics: Dynamics, goals: GoalOptions, logging: LoggingOptions,
+                 store=None, callbacks=(), coordinator: Optional[Coordinator] = None, instruments: bool = True,
+                 milestones=schema.ALIGNMENT_MILESTONES):
+        self.problem = problem
+        self.dynamics = dynamics
+        self.goals = goals
+        self.logging = logging
+        self.store = store
+        self.callbacks = list(callbacks)
+        self.coordinator = coordinator or Coordinator()
+        self.instruments = instruments  # False: no log rows at all (a benchmark's lean follower)
+        self.target = float(goals.target_ln_n_over_L)
+        self.milestones = tuple(m for m in milestones if m <= self.target)
+        spacing = float(logging.log_every_ln)
+        self.log_spacing = spacing if spacing > 0 else max(self.target / 200.0, 1e-3)
+        self.groups = probes.block_groups(problem.names)
+        self.columns = list(schema.LOG_COLUMNS)
+        for key in self.groups:
+            self.columns += [schema.share_column(key), schema.block_alignment_column(key)]
+        self.store_directions = problem.dim <= int(logging.store_directions_max_params)
+        self.session_wall_start = 0.0
+        dynamics.log_spacing = self.log_spacing
 
-    if state.first_separable_step is None and state.ev.correct == ctx.problem.n:
-        state.first_separable_step = state.steps
-        state.first_separable_ln = s
-    if state.below_loss_at_zero_step is None and state.ev.log_risk < log_loss_at_zero(ctx.problem.loss):
-        state.below_loss_at_zero_step = state.steps
+    # -- rows ----------------------------------------------------------------------------
+    def make_row(self, state: TrainState) -> dict:
+        row = probes.panel(self.problem, state.w, state.ev, self.problem.degree)
+        row.update({
+            schema.STEP: state.steps,
+            schema.GRAD_EVALS: state.grad_evals,
+            schema.REJECTED_STEPS: state.rejected_steps,
+            schema.WALL_SECONDS: state.wall_seconds,
+            schema.PATH_LENGTH: state.path_length,
+        })
+        if state.ev.grad is not None:
+            row.update(probes.block_panel(self.problem, state.w, state.ev.grad, self.groups, row.get(schema.ALIGNMENT_COS)))
+        return row
+
+    def _full_evaluation(self, state: TrainState) -> None:
+        if state.ev.grad is None:
+            # Dynamics that skip the full-data gradient between log points (minibatch sgd)
+            # get it here, so alignment is measured at every log point.
+            state.ev = self.problem.evaluate(state.w)
+            state.grad_evals += 1
+        state.ev = self.coordinator.complete(state.ev)
+
+    def log_point(self, state: TrainState) -> dict:
+        self._full_evaluation(state)
+        row = self.make_row(state)
+        s = row[schema.LN_N_OVER_L]
+        state.next_log_ln = (math.floor(s / self.log_spacing) + 1) * self.log_spacing
+        state.next_log_step = max(state.steps + 1, int(math.ceil(state.steps * float(self.logging.log_step_growth))))
+        state.last_logged_step = state.steps
+        if self.store is not None:
+            norm = row[schema.PARAM_NORM]
+            margins = probes.normalized_margins(state.ev.margins, norm, self.problem.degree)
+            direction = (state.w / norm).detach().cpu().numpy() if self.store_directions else None
+            self.store.append_row(row, margins.detach().cpu().numpy().astype(np.float32), direction)
+        for cb in self.callbacks:
+            cb.on_log(self, state, row)
+        return row
+
+    def checkpoint(self, state: TrainState, dynamics_state: Optional[dict] = None) -> None:
+        self.coordinator.check_in_sync(state)
+        if self.store is None:
+            return
+        self.store.save_checkpoint({
+            "state": state.to_payload(),
+            "dynamics": self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
+            "positions": self.store.positions(),
+        })
+
+    def goal_reached(self, state: TrainState, s: float) -> Optional[str]:
+        if s >= self.target:
+            return "target_ln_n_over_L"
+        if state.steps >= int(self.goals.max_steps):
+            return "max_steps"
+        if self._out_of_time(state.wall_seconds):
+            return "max_wall_seconds"
+        return None
+
+    def _out_of_time(self, wall: float) -> bool:
+        # A budget per invocation (a cluster job's time limit), so `diralign resume` continues.
+        budget = self.goals.max_wall_seconds
+        return budget is not None and wall - self.session_wall_start >= float(budget)
+
+    def _landing(self, s: float) -> float:
+        """The next ``ln(n/L)`` a dynamics should land on: a milestone, or the target."""
+        for m in self.milestones:
+            if s < m:
+                return m
+        return self.target
+
+    def _milestones(self, state: TrainState, s: float) -> None:
+        if self.problem.n == 0:
+            return
+        if state.first_separable_step is None and state.ev.correct == self.problem.n:
+            state.first_separable_step = state.steps
+            state.first_separable_ln = s
+        if state.below_loss_at_zero_step is None and state.ev.log_risk < log_loss_at_zero(self.problem.loss):
+            state.below_loss_at_zero_step = state.steps
+        for m in self.milestones:
+            key = f"{m:g}"
+            # A flow lands on m (to its clock's drift, ~1e-9 relative); a discrete method's
+            # first iterate at or past m is the one it has there.
+            if key not in state.milestones and s >= m * (1 - 1e-9):
+                if state.ev.grad is None:
+                    self._full_evaluation(state)
+                state.milestones[key] = probes.cosine(state.w, -state.ev.grad)
+
+    # -- run -------------------------------------------------------------------------------
+    def train(self, state: TrainState, progress=None) -> TrainState:
+        """Advance ``state`` until a goal is met, logging and checkpointing on the way."""
+        n = self.problem.n
+        every_seconds = float(self.logging.checkpoint_every_seconds)
+        every_steps = int(self.logging.checkpoint_every_steps)
+        start = time.perf_counter()
+        wall_at_start = state.wall_seconds
+        self.session_wall_start = wall_at_start
+        last_checkpoint = start
+        state.stop_reason = None  # a resumed run's last reason no longer holds
+        direction = direction_of = None  # W/||W|| and the W it belongs to (path length)
+        with _SignalFlag() as flag:
+            if self.coordinator.aborts_inside_steps:
+                self.dynamics.abort_requested = lambda: flag.signum is not None or self._out_of_time(
+                    wall_at_start + (time.perf_counter() - start))
+            try:
+                while True:
+                    s = math.log(n) - state.ev.log_risk
+                    self._milestones(state, s)
+                    if self.instruments and (state.steps >= state.next_log_step or s >= state.next_log_ln):
+                        row = self.log_point(state)
+                        if progress is not None:
+                            progress(state, row)
+                    reason = self.goal_reached(state, s)
+                    if reason is not None:
+                        state.stop_reason = reason
+                        break
+                    if direction_of is not state.w:  # W/||W|| of the last step is reused (one pass less)
+                        direction, direction_of = state.w / state.w.norm(), state.w
+                    old_direction = direction
+                    self.dynamics.gradient_wanted = self.instruments and state.steps + 1 >= state.next_log_step
+                    before = copy.deepcopy(self.dynamics.state_dict()) if self.coordinator.aborts_inside_steps else None
+                    try:
+                        result = self.dynamics.step(state.w, state.ev, target=self._landing(s))
+                    except StepAborted:
+                        # The step never happened: the controller goes back to where it was.
+                        self.dynamics.load_state_dict(before)
+                        state.wall_seconds = wall_at_start + (time.perf_counter() - start)
+                        if flag.signum is None:
+                            state.stop_reason = "max_wall_seconds"
+                            break
+                        self.checkpoint(state)
+                        raise Interrupted(signal.Signals(flag.signum).name) from None
+                    state.w, state.ev = result.w, result.ev
+                    state.steps += 1
+                    state.grad_evals += result.grad_evals
+                    state.rejected_steps += result.rejected
+                    direction, direction_of = state.w / state.w.norm(), state.w
+                    state.path_length += float((direction - old_direction).norm())
+                    now = time.perf_counter()
+                    due = (every_steps > 0 and state.steps % every_steps == 0) or (now - last_checkpoint >= every_seconds)
+                    # Every process must branch alike: one clock, one checkpoint decision, and a
+                    # stop if any process was signalled.
+                    state.wall_seconds, due, stop = self.coordinator.agree(
+                        wall_at_start + (now - start), due, flag.signum is not None)
+                    for cb in self.callbacks:
+                        cb.on_step(self, state)
+                    if state.stop_reason is not None:  # a callback's own goal (a benchmark's caps)
+                        break
+                    if due:
+                        self.checkpoint(state)
+                        last_checkpoint = time.perf_counter()
+                    if stop:
+                        self.checkpoint(state)
+                        raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank")
+            finally:
+                self.dynamics.abort_requested = None
+        if self.instruments and state.last_logged_step != state.steps:
+            row = self.log_point(state)
+            if progress is not None:
+                progress(state, row)
+        self.checkpoint(state)
+        return state

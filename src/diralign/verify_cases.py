@@ -134,7 +134,7 @@ def deep_linear_case(overrides: list[str], workdir: Path) -> list[Row]:
     residual = [1.0 - np.linalg.svd(a, compute_uv=False)[0] ** 2 / (a * a).sum() for a in final]
     bound = []
     for j, a in enumerate(final):
-        mass = sum(float(np.linalg.norm(D0[l], "nuc")) + drift[l] for l in range(j, len(D0)))
+        mass = sum(float(np.linalg.norm(D0[i], "nuc")) + drift[i] for i in range(j, len(D0)))
         bound.append(mass / float((a * a).sum()))
     ok = all(r <= b * (1 + 1e-9) + 1e-12 for r, b in zip(residual, bound))
     rows.append(Row(

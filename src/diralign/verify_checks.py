@@ -31,13 +31,14 @@ the row:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
+
+from .rundir import Run, schema
 
 PASS, FAIL, INFO, MISSING = "PASS", "FAIL", "INFO", "N/A"
 DECADE_LIMIT = 1.0  # the last decade's change must be below the first's (see the module docstring)
@@ -82,29 +83,26 @@ def missing_row(claim: str, source: str, case: str, why: str) -> Row:
     return Row(claim, source, case, "-", "-", None, "-", MISSING, why)
 
 
-class RunData:
-    """A finished run directory, read once: log, summary, config, margins, directions."""
+class RunData(Run):
+    """A finished run directory, read once through the one reader (:class:`diralign.rundir.Run`),
+    with the arrays as float64 and the helpers the checks need."""
 
     def __init__(self, path):
-        import pandas as pd
-
-        from .store import read_array_log
-
-        self.path = Path(path)
-        self.log = pd.read_csv(self.path / "log.csv")
-        self.summary = json.loads((self.path / "summary.json").read_text())
-        self.meta = json.loads((self.path / "config.json").read_text())
-        self.config = self.meta["config"]
-        self.s = self.log["ln_n_over_L"].to_numpy(dtype=np.float64)
+        super().__init__(path)
+        self.s = self.ln_n_over_L
         if np.any(np.diff(self.s) < 0):
             raise ValueError(f"{self.path}: ln(n/L) is not monotone in the log (not a gradient flow run?)")
-        margins = read_array_log(self.path, "margins")
-        directions = read_array_log(self.path, "directions")
-        rows = len(self.log)
-        self.margins = None if margins is None else np.asarray(margins[:rows], dtype=np.float64)
-        self.directions = None if directions is None or len(directions) < rows else np.asarray(directions[:rows], dtype=np.float64)
-        self.degree = self.summary.get("homogeneity_degree")
         self.n = len(self.margins[0]) if self.margins is not None else None
+
+    @cached_property
+    def margins(self) -> Optional[np.ndarray]:
+        margins = self.array(schema.MARGINS)
+        return None if margins is None or len(margins) == 0 else np.asarray(margins, dtype=np.float64)
+
+    @cached_property
+    def directions(self) -> Optional[np.ndarray]:
+        directions = self.array(schema.DIRECTIONS)
+        return None if directions is None or len(directions) < len(self.log) else np.asarray(directions, dtype=np.float64)
 
     @property
     def target(self) -> float:

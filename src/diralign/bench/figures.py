@@ -65,7 +65,7 @@ def plot_results(results: dict, stem: Path) -> list[Path]:
                 ys = [max(at["direction_error"], ERROR_FLOOR) for _, at in points]
                 if xs:
                     ax.plot(xs, ys, "-", color=colours[label], lw=0.8, alpha=0.6)
-                for (target, at), x, y in zip(points, xs, ys):
+                for (target, _at), x, y in zip(points, xs, ys):
                     ax.plot(x, y, MARKERS.get(target, "o"), color=colours[label], ms=7, mec="black", mew=0.4)
             trace = record["trace"]
             pairs = [(s, 1.0 - c) for s, c in zip(trace["ln_n_over_L"], trace["alignment_cos"]) if s > 0 and c == c]

@@ -2,8 +2,8 @@
 
     python -c "from diralign.bench.follow import follow; help(follow)"
 
-This is the benchmark's lean loop (no run directory, no probes between steps): it calls
-``dynamics.step`` until every target is passed or a cap is hit, and at each target measures
+This is the trainer run without a run directory or instruments: the dynamics steps until
+every target is passed or a cap is hit, and at each target a callback measures
 
 * the gradient evaluations and wall seconds spent when the target was first reached
   (the iterate that crossed it);
@@ -29,6 +29,7 @@ import torch
 from ..dynamics.base import Dynamics
 from ..probes import cosine
 from ..problem import Evaluation, Problem
+from ..trainer import Callback, GoalOptions, LoggingOptions, Trainer, initial_state
 
 LANDED_RELATIVE = 1e-6  # |s - T| <= this * max(T, 1): the iterate itself is the matched point
 FLOW_LANDED_RELATIVE = 1e-3  # flows land on T up to their clock's drift; keep their own point
@@ -154,6 +155,61 @@ def _measure(problem, dynamics, target, prev, cur, counters) -> Matched:
     )
 
 
+class _Follower(Callback):
+    """Measures at each target as the trainer passes it; enforces the benchmark's caps.
+
+    Its own time is kept apart (``measuring``) so that a method pays only for itself."""
+
+    key = "follow"
+
+    def __init__(self, out: Followed, targets, time_cap: float, eval_cap: Optional[int]):
+        self.out = out
+        self.pending = sorted(float(t) for t in targets)
+        self.time_cap = time_cap
+        self.eval_cap = eval_cap
+        self.prev = (None, None)
+        self.measuring = 0.0
+        self.best_s, self.since_best = -math.inf, 0
+        self.next_trace = -math.inf
+
+    def counters(self, state) -> dict:
+        return {"steps": state.steps, "grad_evals": state.grad_evals, "wall": state.wall_seconds - self.measuring}
+
+    def observe(self, trainer, state) -> None:
+        tick = time.perf_counter()
+        problem = trainer.problem
+        w, ev = state.w, state.ev
+        s = clock(problem, ev)
+        counters = self.counters(state)
+        if s >= self.next_trace and math.isfinite(s):
+            cos = cosine(w, -ev.grad) if ev.grad is not None else float("nan")
+            for key, value in (("ln_n_over_L", s), ("alignment_cos", cos), ("grad_evals", counters["grad_evals"]),
+                               ("wall_seconds", counters["wall"])):
+                self.out.trace[key].append(float(value))
+            self.next_trace = s * TRACE_GROWTH if s > 0 else s + 0.05
+        while self.pending and s >= self.pending[0] - LANDED_RELATIVE * max(abs(self.pending[0]), 1.0):
+            target = self.pending.pop(0)
+            self.out.matched[target] = _measure(problem, trainer.dynamics, target, self.prev, (w, ev), counters)
+        self.prev = (w, ev)
+        if s > self.best_s:
+            self.best_s, self.since_best = s, 0
+        else:
+            self.since_best += 1
+        self.measuring += time.perf_counter() - tick
+        counters = self.counters(state)
+        if not self.pending:
+            state.stop_reason = "all targets reached"
+        elif counters["wall"] >= self.time_cap:
+            state.stop_reason = f"time cap ({self.time_cap:g} s)"
+        elif self.eval_cap is not None and counters["grad_evals"] >= self.eval_cap:
+            state.stop_reason = f"evaluation cap ({self.eval_cap})"
+        elif self.since_best > STALL_STEPS:
+            state.stop_reason = f"stalled (ln(n/L) did not rise in {STALL_STEPS} steps)"
+
+    def on_step(self, trainer, state) -> None:
+        self.observe(trainer, state)
+
+
 def follow(
     label: str,
     problem: Problem,
@@ -163,63 +219,29 @@ def follow(
     time_cap: float,
     eval_cap: Optional[int] = None,
 ) -> Followed:
-    """Run ``dynamics`` from ``w0`` through ``targets`` (ascending) or until a cap."""
-    pending = sorted(float(t) for t in targets)
+    """Run ``dynamics`` from ``w0`` through ``targets`` (ascending) or until a cap.
+
+    A :class:`~diralign.trainer.Trainer` run without instruments or a run directory, whose
+    milestones are the targets (flows land on each)."""
+    targets = sorted(float(t) for t in targets)
     out = Followed(label=label)
-    counters = {"steps": 0, "grad_evals": 0, "wall": 0.0}
+    follower = _Follower(out, targets, time_cap, eval_cap)
+    goals = GoalOptions(target_ln_n_over_L=targets[-1] if targets else math.inf, max_steps=10**12, max_wall_seconds=None)
+    trainer = Trainer(problem, dynamics, goals, LoggingOptions(), callbacks=[follower], instruments=False,
+                      milestones=tuple(targets))
     start = time.perf_counter()
-    ev = problem.evaluate(w0)
-    counters["grad_evals"] = 1
-    counters["wall"] = time.perf_counter() - start
-    w = w0
-    prev = (None, None)
-    s = clock(problem, ev)
-    best_s, since_best, rejected = s, 0, 0
-    next_trace = -math.inf
-    while True:
-        # -- measurement (not timed) --------------------------------------------------
-        if s >= next_trace and math.isfinite(s):
-            for key, value in (("ln_n_over_L", s), ("alignment_cos", cosine(w, -ev.grad) if ev.grad is not None else float("nan")),
-                               ("grad_evals", counters["grad_evals"]), ("wall_seconds", counters["wall"])):
-                out.trace[key].append(float(value))
-            next_trace = s * TRACE_GROWTH if s > 0 else s + 0.05
-        while pending and s >= pending[0] - LANDED_RELATIVE * max(abs(pending[0]), 1.0):
-            target = pending.pop(0)
-            out.matched[target] = _measure(problem, dynamics, target, prev, (w, ev), counters)
-        # -- goals ----------------------------------------------------------------------
-        if not pending:
-            out.stop_reason = "all targets reached"
-            break
-        if counters["wall"] >= time_cap:
-            out.stop_reason = f"time cap ({time_cap:g} s)"
-            break
-        if eval_cap is not None and counters["grad_evals"] >= eval_cap:
-            out.stop_reason = f"evaluation cap ({eval_cap})"
-            break
-        if since_best >= STALL_STEPS:
-            out.stop_reason = f"stalled (ln(n/L) did not rise in {STALL_STEPS} steps)"
-            break
-        # -- one step (timed) ---------------------------------------------------------
-        tick = time.perf_counter()
+    state = initial_state(problem, w0)
+    state.wall_seconds = time.perf_counter() - start
+    follower.observe(trainer, state)
+    if state.stop_reason is None:
         try:
-            result = dynamics.step(w, ev, target=pending[0])
+            trainer.train(state)
         except (FloatingPointError, RuntimeError, ArithmeticError) as exc:
-            counters["wall"] += time.perf_counter() - tick
-            out.stop_reason = f"failed: {exc}"
-            break
-        counters["wall"] += time.perf_counter() - tick
-        prev = (w, ev)
-        w, ev = result.w, result.ev
-        counters["steps"] += 1
-        counters["grad_evals"] += result.grad_evals
-        rejected += result.rejected
-        s = clock(problem, ev)
-        if s > best_s:
-            best_s, since_best = s, 0
-        else:
-            since_best += 1
+            state.stop_reason = f"failed: {exc}"
+    out.stop_reason = state.stop_reason if state.stop_reason != "target_ln_n_over_L" else "all targets reached"
+    counters = follower.counters(state)
     out.steps, out.grad_evals, out.wall_seconds = counters["steps"], counters["grad_evals"], counters["wall"]
-    out.rejected_steps = rejected
-    out.ln_n_over_L = s
-    out.final_w, out.final_ev = w, ev
+    out.rejected_steps = state.rejected_steps
+    out.ln_n_over_L = clock(problem, state.ev)
+    out.final_w, out.final_ev = state.w, state.ev
     return out

@@ -2,7 +2,7 @@
 
     python -c "from diralign.bench.overhead import measure_overhead; print(measure_overhead('deep-linear', steps=50))"
 
-*Instrumented*: the project's trainer (``trainer.train_loop``) with the whole instrument
+*Instrumented*: the project's trainer (:class:`~diralign.trainer.Trainer`) with the whole instrument
 panel logged at **every** step -- ``probes.panel`` and ``block_panel`` (margins, smoothed
 margin, beta, alignment overall and per block), path length, a row of ``log.csv``, every
 example's normalised margin (``margins.bin``) and ``W/||W||`` (``directions.bin``) -- into a
@@ -36,20 +36,20 @@ import torch
 from .. import losses
 from ..config import apply_overrides
 from ..dynamics.base import Dynamics, StepResult
-from ..store import RunDir
-from ..trainer import TrainContext, initial_state, prepare_context, train_loop
+from ..rundir import RunWriter
+from ..trainer import GoalOptions, LoggingOptions, Trainer, initial_state
 from .problems import case_config
 
 SGD_SEED_OFFSET = 20_200_612  # MinibatchSGD's generator seed offset (replayed by the bare loop)
 
 
 class _NoCheckpointStore:
-    """A RunDir that skips checkpoints: the trainer writes one at the end of every
-    ``train_loop`` call, i.e. after every chunk here, where a real run writes one every 30 s.
+    """A RunWriter that skips checkpoints: the trainer writes one at the end of every
+    ``train`` call, i.e. after every chunk here, where a real run writes one every 30 s.
     Checkpoints are not instruments, and their fsyncs would stall the next appends (pages
     under writeback), charging the instruments for them."""
 
-    def __init__(self, store: RunDir):
+    def __init__(self, store: RunWriter):
         self._store = store
         self.skipped_checkpoints = 0
 
@@ -108,33 +108,26 @@ class Instrumented:
 
     def __init__(self, experiment, setup, config, dynamics, with_callbacks: bool, directory):
         problem = setup.problem
-        self.store = _NoCheckpointStore(RunDir.create(directory)) if directory is not None else None
-        self.ctx = TrainContext(
-            problem=problem,
-            dynamics=dynamics,
-            config=config,
-            store=self.store,
-            callbacks=experiment.callbacks(setup, config) if with_callbacks else [],
-            quiet=True,
-        )
-        prepare_context(self.ctx)
+        self.store = _NoCheckpointStore(RunWriter.create(directory)) if directory is not None else None
+        self.goals = GoalOptions.from_config(config)
+        self.trainer = Trainer(problem, dynamics, self.goals, LoggingOptions.from_config(config), store=self.store,
+                               callbacks=experiment.callbacks(setup, config) if with_callbacks else [])
         if self.store is not None:
-            self.store.open_logs(self.ctx.columns, problem.n, problem.dim if self.ctx.store_directions else 0,
+            self.store.open_logs(self.trainer.columns, problem.n, problem.dim if self.trainer.store_directions else 0,
                                  "<f8" if problem.dtype == torch.float64 else "<f4")
         self.state = initial_state(problem, setup.w0.clone())
 
     def run(self, k: int) -> None:
-        self.ctx.config = dataclasses.replace(self.ctx.config, max_steps=self.state.steps + k)
-        train_loop(self.ctx, self.state)
+        self.trainer.goals = dataclasses.replace(self.goals, max_steps=self.state.steps + k)
+        self.trainer.train(self.state)
 
     @property
     def w(self) -> torch.Tensor:
         return self.state.w
 
     def close(self) -> int:
-        for cb in self.ctx.callbacks:
-            if hasattr(cb, "close"):
-                cb.close()
+        for cb in self.trainer.callbacks:
+            cb.close()
         if self.store is None:
             return 0
         self.store.close()
@@ -255,10 +248,13 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
     ``directions.bin`` included).  ``ratio`` is instrumented/bare; the others say where the
     difference goes.  CPU time (``time.process_time``) is reported beside wall time.
     """
+    from ..experiments import get_experiment
     from ..runner import build
+    from ..trainer import Coordinator
 
     experiment_name, config = case_config(case)
-    experiment, setup = build(experiment_name, config)
+    experiment = get_experiment(experiment_name)
+    setup = build(experiment, config, Coordinator())
     torch.set_num_threads(int(threads))
     problem, w0 = setup.problem, setup.w0
     minibatch = config.dynamics == "sgd" and int(config.batch_size) < problem.n

@@ -39,8 +39,10 @@ def case_config(case: str, overrides=()):
 
 def build_case(case: str, overrides=()):
     """``(problem, w0, config)`` for a case, with the runner's dtype/thread settings."""
+    from ..experiments import get_experiment
     from ..runner import build
+    from ..trainer import Coordinator
 
     experiment, config = case_config(case, overrides)
-    _, setup = build(experiment, config)
+    setup = build(get_experiment(experiment), config, Coordinator())
     return setup.problem, setup.w0, config

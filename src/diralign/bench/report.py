@@ -112,8 +112,8 @@ def render(results: dict) -> str:
     parts += ["### Work-precision (direction error at matched ln(n/L); alignment reported vs the reference's)", ""]
     for case, section in results["problems"].items():
         parts += [precision_table(case, section), ""]
-    if results.get("instrument_overhead"):
-        parts += ["### Instrument cost (wall time, instrumented / bare)", "", overhead_table(results["instrument_overhead"]), ""]
+    if results.get("instrument_cost"):
+        parts += ["### Instrument cost (wall time, instrumented / bare)", "", overhead_table(results["instrument_cost"]), ""]
     parts += ["### Acceptance", "", acceptance_lines(results.get("acceptance", {})), ""]
     return "\n".join(parts)
 

@@ -180,7 +180,7 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
         extra = {}
         if contender.label == "constant-gd":
             tuning = tune_constant_eta(problem, w0, config, settings.tune_steps)
-            overrides.append(f"eta={tuning['eta']!r}")
+            overrides.append(f"constant_gd_eta={tuning['eta']!r}")
             extra["eta_tuning"] = tuning
         log(f"[{case}] {contender.label} (cap {settings.time_cap:g} s)")
         cfg = apply_overrides(config, overrides)
@@ -245,7 +245,7 @@ def acceptance(results: dict) -> dict:
             "met": bool(ratio is not None and ratio >= 1.0) if measurable else None,
             "note": "" if measurable else "the reference stops before ln(n/L) = 1000 (--quick); run the full bench",
         }
-    overhead = results.get("instrument_overhead", {}).get("fig1-width10000")
+    overhead = results.get("instrument_cost", {}).get("fig1-width10000")
     if overhead is not None:
         ratio = overhead.get("ratio")
         out["fig1_instrument_overhead"] = {"ratio": ratio, "met": bool(ratio is not None and ratio <= 1.10)}

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import UserError
 from .npz import validate_binary, validate_features
@@ -78,3 +79,19 @@ def resolve_labels(y, outputs: int, source: str = "y") -> tuple[torch.Tensor, st
     if len(values) < 2:
         raise UserError(f"{source} holds a single class ({min(values):g}); margins need at least two classes")
     return torch.as_tensor(y64.astype(np.int64)), f"{outputs} classes (one logit each), class indices"
+
+
+def model_outputs(model: nn.Module, X: torch.Tensor) -> int:
+    with torch.no_grad():
+        try:
+            out = model(X[:2])
+        except Exception as exc:
+            raise UserError(
+                f"the model fails on inputs of shape {list(X.shape[1:])} ({type(exc).__name__}: {exc}); "
+                "check that its input size matches the data"
+            ) from None
+    kind = output_kind(out) if isinstance(out, torch.Tensor) else None
+    if kind is None:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"the model's output must be [n], [n, 1] (binary) or [n, K] (K classes), got {shape}")
+    return kind

@@ -1,15 +1,24 @@
-"""Dynamics registry: ``make_dynamics(problem, config)`` picks by ``config.dynamics``."""
+"""Dynamics registry: ``make_dynamics(problem, config)`` picks by ``config.dynamics``.
+
+    python -c "from diralign.dynamics import DYNAMICS, OPTIONS; print(list(DYNAMICS), [o.__name__ for o in OPTIONS])"
+
+Each dynamics owns a small options dataclass (``OPTIONS``), validated in one place
+(``Options.validate``); run configs are composed of them (:mod:`diralign.config`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import UserError
-from .base import Dynamics, StepResult
-from .constant_gd import ConstantStepGD
-from .cvode import CvodeFlow
-from .flow import Dopri5Flow
-from .gd import NormalizedGD
+from ..options import Options, option
+from .base import Dynamics, StepAborted, StepResult
+from .constant_gd import ConstantGDOptions, ConstantStepGD
+from .cvode import CvodeFlow, CvodeOptions
+from .flow import Dopri5Flow, FlowOptions
+from .gd import NormalizedGD, StepOptions
 from .loss_based import LossBasedGD
-from .sgd import MinibatchSGD
+from .sgd import MinibatchSGD, SGDOptions
 
 DYNAMICS = {
     "flow": Dopri5Flow,
@@ -21,16 +30,33 @@ DYNAMICS = {
 FLOW_INTEGRATORS = {"dopri5": Dopri5Flow, "cvode": CvodeFlow}
 
 
+@dataclass
+class DynamicsChoice(Options):
+    SECTION = "dynamics"
+    dynamics: str = option(
+        "flow", "flow (error-controlled gradient flow), gd (normalised GD), sgd, loss-based (Lyu & Li), constant-gd"
+    )
+
+    def validate(self) -> None:
+        if self.dynamics not in DYNAMICS:
+            raise UserError(f"unknown dynamics {self.dynamics!r}; choose one of {', '.join(DYNAMICS)}")
+
+
+OPTIONS = (DynamicsChoice, FlowOptions, CvodeOptions, StepOptions, SGDOptions, ConstantGDOptions)
+
+
 def make_dynamics(problem, config) -> Dynamics:
-    name = config.dynamics
+    name = DynamicsChoice.from_config(config).dynamics
     if name == "flow":
-        integrator = getattr(config, "integrator", "dopri5")
-        if integrator not in FLOW_INTEGRATORS:
-            raise UserError(f"unknown integrator {integrator!r}; choose one of {', '.join(FLOW_INTEGRATORS)}")
-        return FLOW_INTEGRATORS[integrator](problem, config)
-    if name not in DYNAMICS:
-        raise UserError(f"unknown dynamics {name!r}; choose one of {', '.join(DYNAMICS)}")
+        return FLOW_INTEGRATORS[FlowOptions.from_config(config).integrator](problem, config)
     return DYNAMICS[name](problem, config)
 
 
-__all__ = ["DYNAMICS", "FLOW_INTEGRATORS", "Dynamics", "StepResult", "make_dynamics"]
+def describe_dynamics(config) -> str:
+    """What the summary's ``dynamics`` says: ``flow/cvode``, ``gd``, ..."""
+    name = DynamicsChoice.from_config(config).dynamics
+    return f"{name}/{FlowOptions.from_config(config).integrator}" if name == "flow" else name
+
+
+__all__ = ["DYNAMICS", "FLOW_INTEGRATORS", "OPTIONS", "Dynamics", "DynamicsChoice", "StepAborted", "StepResult",
+           "describe_dynamics", "make_dynamics"]

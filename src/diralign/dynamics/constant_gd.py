@@ -1,8 +1,8 @@
 """Plain constant-step gradient descent on the risk itself: the loop most users run.
 
-    diralign run deep-linear --set dynamics=constant-gd --set eta=0.05 --set max_wall_seconds=30
+    diralign run deep-linear --set dynamics=constant-gd --set constant_gd_eta=0.05 --set max_wall_seconds=30
 
-``W <- W - eta * grad L`` with a fixed ``eta`` on the unnormalised risk ``L = sum_i l(p_i)``
+``W <- W - eta * grad L`` with a fixed ``eta = constant_gd_eta`` on the unnormalised risk ``L = sum_i l(p_i)``
 (a learning rate ``lr`` on the *mean* loss is ``eta = lr / n``).  Every step is taken: no
 line search, no rejection, no growth -- that is the baseline.
 
@@ -23,12 +23,24 @@ the counters are the whole state (``state_dict``).  ``target`` is ignored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import UserError
+from ..options import Options, option
 from .base import Dynamics, StepResult, finite
+
+
+@dataclass
+class ConstantGDOptions(Options):
+    SECTION = "dynamics: constant-gd"
+    constant_gd_eta: float = option(1.0, "constant-gd: the fixed step on L itself (plain W -= eta grad L)")
+
+    def validate(self) -> None:
+        if not (self.constant_gd_eta > 0 and math.isfinite(self.constant_gd_eta)):
+            raise UserError(f"constant_gd_eta must be a finite step > 0 (on L), got {self.constant_gd_eta}")
 
 
 def risk_gradient(log_risk: float, grad_log_risk: torch.Tensor) -> torch.Tensor:
@@ -42,9 +54,7 @@ class ConstantStepGD(Dynamics):
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
-        self.eta = float(config.eta)
-        if not (self.eta > 0 and math.isfinite(self.eta)):
-            raise UserError(f"constant-gd needs a finite eta > 0 (the step on L), got eta={config.eta}")
+        self.eta = ConstantGDOptions.from_config(config).constant_gd_eta
         self.stalled_steps = 0  # steps whose update was rounded away entirely
         self.risk_increases = 0  # steps after which the risk was higher (taken anyway)
 
@@ -61,10 +71,10 @@ class ConstantStepGD(Dynamics):
             # Nothing moved: reuse the evaluation (a real loop would recompute the same numbers).
             self.stalled_steps += 1
             return StepResult(w_new, ev, 1, 0)
-        new = self.problem.evaluate(w_new)
+        new = self.evaluate(w_new)
         if not finite(new):
             raise FloatingPointError(
-                f"constant-gd diverged (non-finite risk) with eta={self.eta}; lower eta"
+                f"constant-gd diverged (non-finite risk) with eta={self.eta}; lower constant_gd_eta"
             )
         if new.log_risk > ev.log_risk:
             self.risk_increases += 1

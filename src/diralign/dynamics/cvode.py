@@ -52,13 +52,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..options import Options, option
+from ..runtime import RuntimeOptions
 from .base import Dynamics, StepResult, finite
+from .flow import FlowOptions
 
 JACOBIANS = ("auto", "hvp", "dq")
 S_TIGHTEN = 1000.0  # beyond this s the relative tolerance shrinks like S_TIGHTEN / s ...
@@ -85,6 +89,22 @@ def output_spacing(s: float, log_spacing: float) -> float:
     return min(log_spacing, power_of_two_below(max(abs(s), 1.0) / OUTPUTS_PER_OCTAVE))
 
 
+@dataclass
+class CvodeOptions(Options):
+    SECTION = "dynamics: flow/cvode"
+    cvode_segment: float = option(4.0, "segment length as a multiple of s (restart cost against replay on resume)")
+    cvode_jacobian: str = option("auto", "J*v by Hessian-vector products (hvp), difference quotients (dq), or dq early then hvp")
+    cvode_krylov_dim: int = option(20, "GMRES Krylov dimension")
+
+    def validate(self) -> None:
+        if not self.cvode_segment > 0:
+            raise UserError(f"cvode_segment must be positive (a fraction of s), got {self.cvode_segment}")
+        if self.cvode_krylov_dim < 1:
+            raise UserError(f"cvode_krylov_dim must be a positive integer, got {self.cvode_krylov_dim}")
+        if self.cvode_jacobian not in JACOBIANS:
+            raise UserError(f"cvode_jacobian must be one of {', '.join(JACOBIANS)}, got {self.cvode_jacobian!r}")
+
+
 class SClockSystem:
     """``dW/ds = -g/||g||^2`` and its exact Jacobian-vector product, on CVODE's arrays.
 
@@ -100,6 +120,9 @@ class SClockSystem:
         self.cpu64 = problem.dtype == torch.float64 and problem.device.type == "cpu"
         self.graph = None  # (w, g, g_detached, gg) at the last right-hand side (hvp mode)
         self.rhs_evals = self.graph_evals = self.hvp_evals = 0
+        # Called before every evaluation; raising StepAborted inside a CVODE callback
+        # propagates out of the solve (scikit-sundae re-raises it), abandoning the segment.
+        self.check_abort = lambda: None
 
     @property
     def grad_evals(self) -> int:
@@ -128,6 +151,7 @@ class SClockSystem:
         return w, g, gd, float(torch.dot(gd, gd))
 
     def rhs(self, t, y, yp) -> None:
+        self.check_abort()
         self.rhs_evals += 1
         if self.exact:
             self.graph = self._gradient_graph(y)
@@ -160,6 +184,7 @@ class SClockSystem:
             self.graph = None
 
     def jac_times(self, t, y, fy, v, Jv) -> None:
+        self.check_abort()
         self.hvp_evals += 1
         w, g, gd, gg = self.graph
         (hv,) = torch.autograd.grad(g, w, self._torch(v), retain_graph=True)
@@ -175,24 +200,17 @@ class CvodeFlow(Dynamics):
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
-        self.rtol = float(config.rtol)
-        self.atol = float(config.atol)
-        if not (0 < self.rtol < 1) or self.atol < 0:
-            raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={config.rtol}, atol={config.atol})")
-        self.fraction = float(getattr(config, "cvode_segment", 4.0))
-        if not self.fraction > 0:
-            raise UserError(f"cvode_segment must be positive (a fraction of s), got {self.fraction}")
-        self.krylov_dim = int(getattr(config, "cvode_krylov_dim", 20))
-        if self.krylov_dim < 1:
-            raise UserError(f"cvode_krylov_dim must be a positive integer, got {self.krylov_dim}")
-        jacobian = str(getattr(config, "cvode_jacobian", "auto"))
-        if jacobian not in JACOBIANS:
-            raise UserError(f"cvode_jacobian must be one of {', '.join(JACOBIANS)}, got {jacobian!r}")
+        flow, options = FlowOptions.from_config(config), CvodeOptions.from_config(config)
+        self.rtol, self.atol = flow.rtol, flow.atol
+        self.fraction = options.cvode_segment
+        self.krylov_dim = options.cvode_krylov_dim
+        jacobian = options.cvode_jacobian
         chunked = bool(problem.chunk_size) and problem.chunk_size < problem.X.shape[0]
         if chunked or problem.reducer is not None:
             jacobian = "dq"  # the oracle of chunked/sharded problems combines gradients only
         self.jacobian = jacobian
         self.system = SClockSystem(problem)
+        self.system.check_abort = self.check_abort
         self.hvp_ok: Optional[bool] = None
         self.segment: Optional[dict] = None  # start, end, outputs returned (checkpointed)
         self.solver = None
@@ -202,7 +220,7 @@ class CvodeFlow(Dynamics):
         # One intra-op thread unless ``threads`` is set: CVODE's evaluations are sequential and
         # small, and on a shared 2-core machine two OpenMP threads spin at every barrier
         # (measured, Fig. 1 width 10,000 under load: 137 ms per evaluation, against 3 ms).
-        self.single_thread = int(getattr(config, "threads", 0) or 0) == 0 and problem.device.type == "cpu"
+        self.single_thread = RuntimeOptions.from_config(config).threads == 0 and problem.device.type == "cpu"
 
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -266,14 +284,13 @@ class CvodeFlow(Dynamics):
         if self.hvp_ok is None:  # a one-off probe, not counted in grad_evals
             self.hvp_ok = self.system.hvp_works(self.segment["w0"])
             if not self.hvp_ok:
-                warnings.warn("cvode flow: the model cannot be differentiated twice; using difference quotients for J*v")
+                warnings.warn("cvode flow: the model cannot be differentiated twice; using difference quotients for J*v", stacklevel=2)
         return self.hvp_ok
 
     def _log_spacing(self, target: Optional[float]) -> float:
-        spacing = float(getattr(self.config, "log_every_ln", 0.0) or 0.0)
-        if spacing > 0:
-            return spacing
-        return max(float(target) / 200.0, 1e-3) if target is not None else math.inf
+        # The trainer's log spacing (Dynamics.log_spacing), not one derived from the target
+        # of this step: a step may be asked to land on a milestone far below the run's goal.
+        return self.log_spacing
 
     def _start(self, w: torch.Tensor, ev, target: Optional[float], end: Optional[float] = None) -> None:
         s0 = math.log(self.problem.n) - ev.log_risk

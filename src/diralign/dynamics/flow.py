@@ -18,12 +18,30 @@ step ``h``, the FSAL derivative) is checkpointed and a resumed run is bit-identi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import UserError
+from ..options import Options, option
 from .base import Dynamics, StepResult, finite
+
+INTEGRATORS = ("cvode", "dopri5")
+
+
+@dataclass
+class FlowOptions(Options):
+    SECTION = "dynamics: flow"
+    integrator: str = option("cvode", "cvode (BDF, stiff-aware, the default) or dopri5 (explicit reference)")
+    rtol: float = option(1e-6, "relative tolerance of the flow integrator")
+    atol: float = option(1e-10, "absolute tolerance floor of the flow integrator")
+
+    def validate(self) -> None:
+        if self.integrator not in INTEGRATORS:
+            raise UserError(f"unknown integrator {self.integrator!r}; choose one of {', '.join(INTEGRATORS)}")
+        if not (0 < self.rtol < 1) or not self.atol >= 0:
+            raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={self.rtol}, atol={self.atol})")
 
 # Dormand & Prince (1980) tableau.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -53,10 +71,8 @@ class Dopri5Flow(Dynamics):
     def __init__(self, problem, config):
         super().__init__(problem, config)
         self.h: Optional[float] = None
-        self.rtol = float(config.rtol)
-        self.atol = float(config.atol)
-        if not (0 < self.rtol < 1) or self.atol < 0:
-            raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={config.rtol}, atol={config.atol})")
+        options = FlowOptions.from_config(config)
+        self.rtol, self.atol = options.rtol, options.atol
 
     def state_dict(self) -> dict:
         return {"h": self.h}
@@ -91,7 +107,7 @@ class Dopri5Flow(Dynamics):
             ok = True
             for i in range(1, 7):
                 w_stage = w + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
-                stage = problem.evaluate(w_stage)
+                stage = self.evaluate(w_stage)
                 grad_evals += 1
                 if not finite(stage) or float(stage.grad.norm()) == 0.0:
                     ok = False

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..errors import UserError
 from .base import Dynamics, StepResult, finite
+from .gd import StepOptions
 
 GROWTH = 2.0 ** (1 / 5)  # after an accepted epoch
 SHRINK = 2.0 ** (1 / 10)  # after a failed one (with rollback)
@@ -33,9 +33,7 @@ class LossBasedGD(Dynamics):
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
-        self.alpha = float(config.eta)
-        if not self.alpha > 0:
-            raise UserError(f"loss-based needs eta > 0 (the initial alpha of lr = alpha / L), got eta={config.eta}")
+        self.alpha = StepOptions.from_config(config).eta
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha}
@@ -47,7 +45,7 @@ class LossBasedGD(Dynamics):
         grad_evals = rejected = 0
         while True:
             w_new = w - self.alpha * ev.grad  # lr alpha/L on L is alpha on log L
-            new = self.problem.evaluate(w_new)
+            new = self.evaluate(w_new)
             grad_evals += 1
             if finite(new) and new.log_risk < ev.log_risk:
                 self.alpha *= GROWTH

@@ -19,7 +19,7 @@ Safeguards, as in the paper: an update longer than ``max_update_ratio * ||W||`` 
 at the end is non-finite or higher than at the start, is rejected: ``W`` is restored, ``eta``
 halved and the epoch redone with the next shuffle.  Accepted epochs grow ``eta`` by
 ``eta_growth``.  Rejected epochs are counted and never logged as progress.  With
-``accept_window = m > 1`` (a config field; default 1) "higher than at the start" becomes
+``accept_window = m > 1`` (default 1; ``margins`` uses 10) "higher than at the start" becomes
 "higher than the highest risk of the last ``m`` accepted epochs": the non-monotone
 safeguard of Grippo, Lampariello & Lucidi (1986), which lets the step ride the edge of
 stability instead of shrinking with the network's sharpness.
@@ -33,12 +33,31 @@ epoch is one full-batch step, so the full gradient is kept and reused by the nex
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import UserError
+from ..options import Options, option
+from ..runtime import RuntimeOptions
 from .base import Dynamics, StepResult, finite
+from .gd import StepOptions
+
+
+@dataclass
+class SGDOptions(Options):
+    SECTION = "dynamics: sgd"
+    batch_size: int = option(512, "minibatch size (the paper's 512); one step is one epoch")
+    accept_window: int = option(
+        1, "an epoch is accepted if its risk is at most the highest of the last this-many accepted epochs (1: monotone)"
+    )
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.accept_window < 1:
+            raise UserError(f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.accept_window}")
 
 
 class MinibatchSGD(Dynamics):
@@ -46,21 +65,13 @@ class MinibatchSGD(Dynamics):
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
-        self.eta = float(config.eta)
-        self.batch_size = int(config.batch_size)
-        self.growth = float(config.eta_growth)
-        self.max_update_ratio = float(config.max_update_ratio)
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be a positive integer, got {config.batch_size}")
-        if not self.eta > 0 or not self.max_update_ratio > 0 or not self.growth >= 1:
-            raise UserError(
-                f"sgd needs eta > 0, max_update_ratio > 0 and eta_growth >= 1 "
-                f"(got eta={config.eta}, max_update_ratio={config.max_update_ratio}, eta_growth={config.eta_growth})"
-            )
-        self.window = int(getattr(config, "accept_window", 1))
-        if self.window < 1:
-            raise UserError(f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.window}")
-        self.generator = torch.Generator().manual_seed(int(config.seed) + 20_200_612)
+        step, options = StepOptions.from_config(config), SGDOptions.from_config(config)
+        self.eta = step.eta
+        self.batch_size = options.batch_size
+        self.growth = step.eta_growth
+        self.max_update_ratio = step.max_update_ratio
+        self.window = options.accept_window
+        self.generator = torch.Generator().manual_seed(RuntimeOptions.from_config(config).seed + 20_200_612)
         self.capped_updates = 0  # minibatch updates that hit the norm cap
         self.recent: list[float] = []  # log L after the last `window` accepted epochs
 
@@ -77,6 +88,10 @@ class MinibatchSGD(Dynamics):
         self.generator.set_state(state["generator"])
         self.capped_updates = int(state.get("capped_updates", 0))
         self.recent = [float(v) for v in state.get("recent", [])]
+
+    def _minibatch(self, w, batch):
+        self.check_abort()
+        return self.problem.minibatch(w, batch)
 
     @property
     def full_batch(self) -> bool:
@@ -108,7 +123,7 @@ class MinibatchSGD(Dynamics):
                 # the whole data at the epoch's start
                 log_batch, grad = torch.tensor(ev.log_risk, **f64), ev.grad
             else:
-                log_batch, grad = self.problem.minibatch(w, batch)
+                log_batch, grad = self._minibatch(w, batch)
                 self._spent += batch.numel() / self.problem.n
             scale = torch.exp(torch.clamp(log_batch.to(torch.float64) - log_full, max=700.0))
             length = eta * scale * grad.norm().to(torch.float64)
@@ -137,7 +152,7 @@ class MinibatchSGD(Dynamics):
             w_new = self._epoch(w, ev, order)
             if w_new is not None:
                 with_grad = self.full_batch or self.gradient_wanted  # a log point follows: reuse this pass
-                new = self.problem.evaluate(w_new, need_grad=with_grad)
+                new = self.evaluate(w_new, need_grad=with_grad)
                 self._spent += 1.0 if with_grad else 0.0
                 if finite(new) and new.log_risk <= bound:
                     self.eta *= self.growth

@@ -1,5 +1,10 @@
 """What an experiment is: a typed config, a ``setup`` that builds the problem, optional
-callbacks, and ``finish`` / ``plot`` hooks that read the state and the run directory."""
+callbacks, and a ``finish`` hook that adds the experiment's own summary keys (declared in
+:mod:`diralign.rundir.schema`).  Figures live in :mod:`diralign.figures`, which reads run
+directories and never imports an experiment.
+
+    python -c "from diralign.experiments import EXPERIMENTS; print(sorted(EXPERIMENTS))"
+"""
 
 from __future__ import annotations
 
@@ -35,9 +40,6 @@ class Experiment:
         return []
 
     def finish(self, setup: Setup, state, run_dir: Optional[Any], config) -> dict:
-        """Experiment-specific summary keys (computed from the final state)."""
+        """Experiment-specific summary keys (computed from the final state); ``run_dir`` is
+        the run's :class:`~diralign.rundir.RunWriter` (``None`` on ranks that do not write)."""
         return {}
-
-    def plot(self, run_dir, out_dir) -> list:
-        """Experiment-specific figures from the run directory (beyond the common ones)."""
-        return []

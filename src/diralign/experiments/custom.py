@@ -23,12 +23,12 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import load_npz, separable_gaussian
-from ..data.labels import check_features, output_kind, resolve_labels
+from ..data.labels import check_features, model_outputs, resolve_labels
 from ..errors import UserError
 from ..models import build_model, homogeneity_degree
+from ..options import inherit, option
 from ..problem import Problem
 from .base import Experiment, Setup
-
 
 IN_MEMORY = "in-memory"  # model/data of a run started from Python (diralign.train)
 RESUME_HINT = "a run started from Python with in-memory data resumes with diralign.resume(DIR, model, X, y)"
@@ -36,13 +36,13 @@ RESUME_HINT = "a run started from Python with in-memory data resumes with dirali
 
 @dataclass
 class CustomConfig(TrainConfig):
-    model: str = ""  # package.module:factory or a registered name ("in-memory": Python API)
-    data: str = "separable"  # "separable" or an .npz file with X [n, d] / [n, C, H, W] and y [n]
-    n: int = 60  # separable data only
-    d: int = 6
-    data_margin: float = 0.1
-    num_classes: int = 0  # passed to the factory; 0: from the labels (2 for -1/+1 labels)
-    target_ln_n_over_L: float = 100.0
+    model: str = option("", "package.module:factory or a registered name (\"in-memory\": Python API)")
+    data: str = option("separable", "\"separable\" or an .npz file with X [n, d] / [n, C, H, W] and y [n]")
+    n: int = option(60, "separable data only")
+    d: int = option(6, "input dimension")
+    data_margin: float = option(0.1, "delete points closer to the separator than this (teacher standard deviations for planar data)")
+    num_classes: int = option(0, "passed to the factory; 0: from the labels (2 for -1/+1 labels)")
+    target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 100.0)
 
 
 def label_classes(y: np.ndarray) -> tuple[int, int]:
@@ -54,22 +54,6 @@ def label_classes(y: np.ndarray) -> tuple[int, int]:
         k = int(max(values)) + 1
         return k, k
     raise UserError(f"labels must be -1/+1 or class indices 0..K-1, found {sorted(values)[:5]}")
-
-
-def model_outputs(model: nn.Module, X: torch.Tensor) -> int:
-    with torch.no_grad():
-        try:
-            out = model(X[:2])
-        except Exception as exc:
-            raise UserError(
-                f"the model fails on inputs of shape {list(X.shape[1:])} ({type(exc).__name__}: {exc}); "
-                "check that its input size matches the data"
-            ) from None
-    kind = output_kind(out) if isinstance(out, torch.Tensor) else None
-    if kind is None:
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"the model's output must be [n], [n, 1] (binary) or [n, K] (K classes), got {shape}")
-    return kind
 
 
 def prepare_model(model: nn.Module, dtype, device) -> nn.Module:

@@ -15,24 +15,24 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
+from ..data import binary_data
 from ..errors import UserError
+from ..maxmargin import svm_summary
+from ..options import inherit, option
 from ..problem import Problem
 from .base import Experiment, Setup
-from .linear import binary_data, svm_summary
 
 
 @dataclass
 class DeepLinearConfig(TrainConfig):
-    data: str = "separable"
-    n: int = 60
-    d: int = 6
-    data_margin: float = 0.1
-    widths: tuple[int, ...] = (8, 8)  # hidden widths; depth = len(widths) + 1
-    init_scale: float = 1.0  # Frobenius norm of every layer at initialisation
-    # per-layer Frobenius norms at init, A_1 first (empty: all init_scale).  Unbalanced
-    # layers show Lemma E.1's shares ||A_j||^2/||W||^2 -> 1/k (the flow conserves the gaps).
-    layer_scales: tuple[float, ...] = ()
-    target_ln_n_over_L: float = 1000.0
+    data: str = option("separable", "the data set")
+    n: int = option(60, "number of examples")
+    d: int = option(6, "input dimension")
+    data_margin: float = option(0.1, "delete points closer to the separator than this (teacher standard deviations for planar data)")
+    widths: tuple[int, ...] = option((8, 8), "hidden widths; depth = len(widths) + 1")
+    init_scale: float = option(1.0, "Frobenius norm of every layer at initialisation")
+    layer_scales: tuple[float, ...] = option((), "per-layer Frobenius norms at init, A_1 first (empty: all init_scale).  Unbalanced layers show Lemma E.1's shares ||A_j||^2/||W||^2 -> 1/k (the flow conserves the gaps).")
+    target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 1000.0)
 
 
 def layer_alignment(layers: list[torch.Tensor]) -> list[float]:
@@ -55,7 +55,7 @@ class DeepLinearExperiment(Experiment):
 
         if any(w < 1 for w in config.widths):
             raise UserError(f"widths must be positive integers, got {config.widths}")
-        X, y, info = binary_data(config, dtype)
+        X, y, info = binary_data(config.data, config.n, config.d, config.data_margin, config.seed, dtype)
         gen = torch.Generator().manual_seed(config.seed + 1)
         model = DeepLinear(X.shape[1], config.widths, config.init_scale, generator=gen).to(dtype=dtype, device=device)
         if config.layer_scales:

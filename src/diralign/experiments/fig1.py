@@ -31,43 +31,41 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from .. import maxmargin
 from ..config import TrainConfig
-from ..data.planar import embed, grid, plane_extent, planar_data
+from ..data.planar import embed, grid, planar_data, plane_extent
 from ..errors import UserError
+from ..options import inherit, option
+from ..probes import surface_distance
 from ..problem import Problem
-from ..store import ArrayLog, read_array_log
-from ..trainer import Callback
+from ..rundir import schema
+from ..trainer import Callback, GoalOptions, LoggingOptions, Trainer, initial_state
 from .base import Experiment, Setup
 
-SNAPSHOTS = {"a": "fig1_a.npz", "b": "fig1_b.npz", "c": "fig1_c.npz"}
-SURFACES = "surfaces"  # ArrayLog name: the normalised surface at each log point
-ALIGNMENT_MILESTONES = (10.0, 30.0, 100.0)
+SNAPSHOTS = schema.FIG1_SNAPSHOTS
 GRID_CHUNK = 512  # grid points per forward pass: a [512, m] activation block
 
 
 @dataclass
 class Fig1Config(TrainConfig):
-    data: str = "teacher"  # seeded teacher data, or an .npz file with X [n, 2] and y [n] in {-1, +1}
-    n: int = 100
-    data_margin: float = 0.1  # delete points with |teacher| below this many teacher standard deviations
-    teacher_hidden: int = 8
-    width: int = 10_000  # the paper's width
-    signs: str = "random"  # fixed output signs s_j: random (Fig. 1) or alternating (eq. 4.5)
-    init_scale: float = 1.0  # the network's output at init is O(init_scale^2), whatever the width
-    target_ln_n_over_L: float = 100.0
-    batch_size: int = 20  # dynamics=sgd: minibatches of 20 of the 100 points
-    ntk_dynamics: str = "flow"  # how the NTK model is trained: flow or gd (the paper's; slow, ~200 steps per unit ln(n/L))
-    ntk_integrator: str = "cvode"  # flow integrator for the NTK: its linear late phase is stiff too (dopri5: ~30x the evaluations)
-    ntk_target_ln_n_over_L: float = 1000.0  # the NTK training runs to here (its angle to the SVM ~ 1/s)
-    surface_resolution: int = 25  # grid side of the surface logged at every log point
-    contour_resolution: int = 121  # grid side of the snapshot contour plots
+    data: str = option("teacher", "seeded teacher data, or an .npz file with X [n, 2] and y [n] in {-1, +1}")
+    n: int = option(100, "number of examples")
+    data_margin: float = option(0.1, "delete points with |teacher| below this many teacher standard deviations")
+    teacher_hidden: int = option(8, "hidden width of the random teacher that labels the planar data")
+    width: int = option(10_000, "the paper's width")
+    signs: str = option("random", "fixed output signs s_j: random (Fig. 1) or alternating (eq. 4.5)")
+    init_scale: float = option(1.0, "the network's output at init is O(init_scale^2), whatever the width")
+    target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 100.0)
+    batch_size: int = inherit(TrainConfig, "batch_size", 20)
+    ntk_dynamics: str = option("flow", "how the NTK model is trained: flow or gd (the paper's; slow, ~200 steps per unit ln(n/L))")
+    ntk_integrator: str = option("cvode", "flow integrator for the NTK: its linear late phase is stiff too (dopri5: ~30x the evaluations)")
+    ntk_target_ln_n_over_L: float = option(1000.0, "the NTK training runs to here (its angle to the SVM ~ 1/s)")
+    surface_resolution: int = option(25, "grid side of the surface logged at every log point")
+    contour_resolution: int = option(121, "grid side of the snapshot contour plots")
 
 
 def _grid_points(lo: float, hi: float, resolution: int, dtype) -> tuple[np.ndarray, torch.Tensor]:
@@ -82,35 +80,17 @@ def predict(problem: Problem, w: torch.Tensor, points: torch.Tensor) -> torch.Te
     return torch.cat([problem.forward(w, points[a : a + GRID_CHUNK]) for a in range(0, points.shape[0], GRID_CHUNK)])
 
 
-def surface_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """RMS distance of two surfaces, each first divided by its own RMS (scale-free)."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    na, nb = np.sqrt(np.mean(a * a)), np.sqrt(np.mean(b * b))
-    if na == 0 or nb == 0:
-        return float("nan")
-    return float(np.sqrt(np.mean((a / na - b / nb) ** 2)))
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
 class Fig1Recorder(Callback):
-    """Snapshot (b) at the first perfect classification; the normalised surface at every log
-    point (the ``surfaces`` array log, kept in step with ``log.csv`` across resumes); the
-    alignment at ``ln(n/L)`` = 10, 30, 100, interpolated between log points."""
+    """Snapshot (b) at the first perfect classification, and the normalised surface at every
+    log point (the ``surfaces`` array log, kept in step with ``log.csv`` by the writer)."""
 
     key = "fig1"
 
     def __init__(self, setup: Setup):
         self.setup = setup
-        self.surfaces: Optional[ArrayLog] = None
 
     def _mine(self, state) -> dict:
-        return state.callbacks.setdefault(self.key, {"surface_rows": 0, "alignment_at": {}, "last": None, "b": None})
+        return state.callbacks.setdefault(self.key, {"b": None})
 
     def on_step(self, ctx, state) -> None:
         self._maybe_snapshot_b(ctx, state)
@@ -124,45 +104,23 @@ class Fig1Recorder(Callback):
         s = math.log(ctx.problem.n) - state.ev.log_risk
         mine["b"] = {"w": state.w.detach().cpu().clone(), "values": values, "ln_n_over_L": s, "step": state.steps}
         if ctx.store is not None:
-            write_snapshot(ctx.store.path / SNAPSHOTS["b"], self.setup, state.w, values, s, state.steps, "network")
+            write_snapshot(ctx.store, SNAPSHOTS["b"], self.setup, state.w, values, s, state.steps, "network")
 
     def on_log(self, ctx, state, row) -> None:
-        mine = self._mine(state)
         self._maybe_snapshot_b(ctx, state)
-        s, cos = row["ln_n_over_L"], row.get("alignment_cos", float("nan"))
-        last = mine["last"]
-        for milestone in ALIGNMENT_MILESTONES:
-            key = f"{milestone:g}"
-            if key in mine["alignment_at"] or s < milestone:
-                continue
-            if last is not None and last[0] < milestone and s > last[0]:
-                t = (milestone - last[0]) / (s - last[0])
-                mine["alignment_at"][key] = last[1] + t * (cos - last[1])
-            else:
-                mine["alignment_at"][key] = cos
-        mine["last"] = (s, cos)
         if ctx.store is None:
             return
-        if self.surfaces is None:
-            width = self.setup.extras["surface_points"].shape[0]
-            self.surfaces = ArrayLog(ctx.store.path, SURFACES, width, "<f4")
-            # A resumed run: drop rows written after the checkpoint, as the store does for log.csv.
-            self.surfaces.truncate(mine["surface_rows"])
-        values = predict(ctx.problem, state.w, self.setup.extras["surface_points"])
+        surface_points = self.setup.extras["surface_points"]
+        values = predict(ctx.problem, state.w, surface_points)
         normalised = values / float(state.w.norm()) ** 2  # f(x; W/||W||): 2-homogeneous
-        self.surfaces.append(normalised.cpu().numpy().astype(np.float32))
-        mine["surface_rows"] += 1
-
-    def close(self) -> None:
-        if self.surfaces is not None:
-            self.surfaces.close()
-            self.surfaces = None
+        ctx.store.array_log(schema.SURFACES, surface_points.shape[0], "<f4").append(normalised.cpu().numpy().astype(np.float32))
 
 
-def write_snapshot(path: Path, setup: Setup, weights, values: np.ndarray, s: float, step: int, kind: str, **more) -> None:
+def write_snapshot(store, name: str, setup: Setup, weights, values: np.ndarray, s: float, step: int, kind: str,
+                   **more) -> None:
     extras = setup.extras
-    _save_npz(
-        path,
+    store.write_npz(
+        name,
         kind=np.array(kind),
         weights=np.asarray(weights.detach().cpu().double().numpy() if torch.is_tensor(weights) else weights),
         signs=extras["signs"].numpy(),
@@ -198,17 +156,14 @@ def ntk_max_margin(setup: Setup, config, dtype) -> dict:
     with torch.no_grad():
         reduced.weight.copy_(basis.T @ v0)
     problem = Problem(reduced, features @ basis, y, config.loss, degree=1)
-    dynamics = make_dynamics(problem, dataclasses.replace(config, dynamics=config.ntk_dynamics, integrator=config.ntk_integrator))
-    z = problem.flat_params()
-    ev = problem.evaluate(z)
-    steps = grad_evals = 0
+    ntk_config = dataclasses.replace(config, dynamics=config.ntk_dynamics, integrator=config.ntk_integrator)
+    # The NTK's own goals: its target, and the run's own step and time caps.
+    goals = dataclasses.replace(GoalOptions.from_config(config), target_ln_n_over_L=float(config.ntk_target_ln_n_over_L))
+    trainer = Trainer(problem, make_dynamics(problem, ntk_config), goals, LoggingOptions.from_config(config),
+                      instruments=False, milestones=())
     start = time.perf_counter()
-    target = float(config.ntk_target_ln_n_over_L)
-    while math.log(problem.n) - ev.log_risk < target:
-        result = dynamics.step(z, ev, target=target)
-        z, ev = result.w, result.ev
-        steps += 1
-        grad_evals += result.grad_evals
+    state = trainer.train(initial_state(problem, problem.flat_params()))
+    z, ev, steps, grad_evals = state.w, state.ev, state.steps, state.grad_evals
     v = basis @ z
     direction = torch.as_tensor(svm.direction, dtype=dtype)
     cos = float(v @ direction / v.norm())
@@ -229,6 +184,7 @@ def ntk_max_margin(setup: Setup, config, dtype) -> dict:
             "ntk_dynamics": config.ntk_dynamics + (f"/{config.ntk_integrator}" if config.ntk_dynamics == "flow" else ""),
             "ntk_min_normalized_margin": float(ev.margins.min()) / float(z.norm()),
             "ntk_ln_n_over_L": math.log(problem.n) - ev.log_risk,
+            "ntk_stop_reason": state.stop_reason,
             "ntk_steps": steps,
             "ntk_grad_evals": grad_evals,
             "ntk_seconds": time.perf_counter() - start,
@@ -279,17 +235,12 @@ class Fig1Experiment(Experiment):
         return Setup(problem, problem.flat_params(), info, extras)
 
     def callbacks(self, setup, config) -> list:
-        recorder = Fig1Recorder(setup)
-        setup.extras["recorder"] = recorder
-        return [recorder]
+        return [Fig1Recorder(setup)]
 
     def finish(self, setup, state, run_dir, config) -> dict:
         from ..models import homogeneity_degree
 
         problem = setup.problem
-        recorder = setup.extras.get("recorder")
-        if recorder is not None:
-            recorder.close()
         mine = state.callbacks.get(Fig1Recorder.key, {})
         s_final = math.log(problem.n) - state.ev.log_risk
         final_values = predict(problem, state.w, setup.extras["contour_points"]).cpu().double().numpy()
@@ -299,8 +250,6 @@ class Fig1Experiment(Experiment):
         out = dict(ntk["summary"])
         out["homogeneity_degree_measured"] = net_report.fitted_degree
         out["homogeneity_violation"] = net_report.violation
-        for milestone in ALIGNMENT_MILESTONES:
-            out[f"alignment_cos_at_ln{milestone:g}"] = mine.get("alignment_at", {}).get(f"{milestone:g}")
         snapshot_b = mine.get("b")
         ntk_values = ntk["values"]["contour_points"]
         out["surface_distance_ntk_to_final"] = surface_distance(ntk_values, final_values)
@@ -310,18 +259,8 @@ class Fig1Experiment(Experiment):
             out["surface_distance_ntk_to_first_separable"] = surface_distance(ntk_values, snapshot_b["values"])
             out["surface_distance_first_separable_to_final"] = surface_distance(snapshot_b["values"], final_values)
         if run_dir is not None:
-            path = run_dir.path
-            write_snapshot(path / SNAPSHOTS["c"], setup, state.w, final_values, s_final, state.steps, "network")
-            write_snapshot(path / SNAPSHOTS["a"], setup, ntk["svm"].direction, ntk_values,
+            write_snapshot(run_dir, SNAPSHOTS["c"], setup, state.w, final_values, s_final, state.steps, "network")
+            write_snapshot(run_dir, SNAPSHOTS["a"], setup, ntk["svm"].direction, ntk_values,
                            out["ntk_ln_n_over_L"], out["ntk_steps"], "ntk-svm",
                            surface_values=ntk["values"]["surface_points"])
         return out
-
-    def plot(self, run_dir, out_dir) -> list:
-        from .fig1_plots import plot_fig1
-
-        return plot_fig1(run_dir, out_dir)
-
-
-def read_surfaces(run_dir) -> Optional[np.ndarray]:
-    return read_array_log(Path(run_dir), SURFACES)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -44,43 +43,36 @@ import torch
 
 from ..config import TrainConfig
 from ..data.images import load_images
-from ..data.labels import resolve_labels
+from ..data.labels import model_outputs, resolve_labels
 from ..errors import UserError
 from ..models import build_model, homogeneity_degree
+from ..options import inherit, option
 from ..problem import Problem
-from ..store import read_array_log
+from ..rundir import Run
 from .base import Experiment, Setup
-from .custom import model_outputs
-from .margins_convergence import draw_convergence
 
 MODEL_SEED_OFFSET = 1  # the model is initialised from seed + 1 (data subsets use seed)
 
 
 @dataclass
 class MarginsConfig(TrainConfig):
-    model: str = "h-alexnet"  # registered name or package.module:factory
-    data: str = "digits"  # cifar10 | digits | synthetic-images | PATH.npz
-    data_root: str = "data"  # cifar10: folder holding cifar-10-batches-py/
-    download: bool = False  # cifar10: fetch it if missing (set by --download)
-    subset: int = 0  # class-balanced seeded subset of this many examples; 0 keeps all
-    init_scale: float = 1.0  # multiplies every initial weight (1: PyTorch's default init, the paper's)
-    # batch norm layers (DenseNet/ResNet): "batch" = normalise by the statistics of each
-    # forward batch (the sgd minibatch; in risk evaluations the chunk of chunk_size
-    # examples, i.e. the whole data when n <= chunk_size), keeping no running statistics;
-    # "frozen" = fixed affine maps (running statistics at their initial 0/1)
-    batch_norm: str = "batch"
-    n: int = 1000  # synthetic-images: number of images
-    loss: str = "cross-entropy"
-    dynamics: str = "sgd"
-    dtype: str = "float32"
-    chunk_size: int = 1000  # examples per forward/backward chunk (bounded memory)
-    # sgd: an epoch is accepted if its risk is at most the highest of the last
-    # accept_window accepted epochs (1: it must not raise the risk at all); see sgd.py
-    accept_window: int = 10
-    target_risk: float = 1e-8  # the paper's goal L <= 1e-8 ...
-    target_ln_n_over_L: Optional[float] = None  # ... i.e. ln n - ln(target_risk); set to override
-    store_directions_max_params: int = 200_000  # keep W/||W|| (angle to final) for H-AlexNet
-    log_step_growth: float = 1e9  # log points only evenly in ln(n/L) (the margin plot's axis)
+    model: str = option("h-alexnet", "registered name or package.module:factory")
+    data: str = option("digits", "cifar10 | digits | synthetic-images | PATH.npz")
+    data_root: str = option("data", "cifar10: folder holding cifar-10-batches-py/")
+    download: bool = option(False, "cifar10: fetch it if missing (set by --download)")
+    subset: int = option(0, "class-balanced seeded subset of this many examples; 0 keeps all")
+    init_scale: float = option(1.0, "multiplies every initial weight (1: PyTorch's default init, the paper's)")
+    batch_norm: str = option("batch", "batch norm layers (DenseNet/ResNet): \"batch\" = normalise by the statistics of each forward batch (the sgd minibatch; in risk evaluations the chunk of chunk_size examples, i.e. the whole data when n <= chunk_size), keeping no running statistics; \"frozen\" = fixed affine maps (running statistics at their initial 0/1)")
+    n: int = option(1000, "synthetic-images: number of images")
+    loss: str = inherit(TrainConfig, "loss", "cross-entropy")
+    dynamics: str = inherit(TrainConfig, "dynamics", "sgd")
+    dtype: str = inherit(TrainConfig, "dtype", "float32")
+    chunk_size: int = inherit(TrainConfig, "chunk_size", 1000)
+    accept_window: int = inherit(TrainConfig, "accept_window", 10)
+    target_risk: float = option(1e-8, "the paper's goal L <= 1e-8 ...")
+    target_ln_n_over_L: Optional[float] = option(None, "... i.e. ln n - ln(target_risk); set to override")
+    store_directions_max_params: int = inherit(TrainConfig, "store_directions_max_params", 200_000)
+    log_step_growth: float = inherit(TrainConfig, "log_step_growth", 1e9)
 
 
 def resolve_target(config, n: int) -> float:
@@ -99,15 +91,12 @@ def margin_change_last_quarter(run_dir) -> dict:
     ``s_first + 0.75 (s_last - s_first)`` with the last one; also relative to
     ``max_i |q_i|`` at the end, so the number is comparable across models.
     """
-    import pandas as pd
-
-    run_dir = Path(run_dir)
-    margins = read_array_log(run_dir, "margins")
-    if margins is None or len(margins) < 2:
+    run = Run(run_dir)
+    margins = run.margins
+    if len(margins) < 2:
         return {"margin_change_last_quarter": None, "margin_change_last_quarter_relative": None}
-    s = pd.read_csv(run_dir / "log.csv", usecols=["ln_n_over_L"])["ln_n_over_L"].to_numpy()
-    rows = min(len(s), len(margins))
-    s = s[:rows]
+    rows = len(margins)
+    s = run.ln_n_over_L[:rows]
     start = s[0] + 0.75 * (s[-1] - s[0])
     r0 = int(np.argmax(s >= start))
     final = np.asarray(margins[rows - 1], dtype=np.float64)
@@ -199,9 +188,6 @@ class MarginsExperiment(Experiment):
             out.update(margin_change_last_quarter(run_dir.path))
         return out
 
-    def plot(self, run_dir, out_dir) -> list:
-        return plot_margin_panel(run_dir, out_dir)
-
 
 def model_degree(model, X) -> tuple[Optional[int], str]:
     """The degree used to normalise margins: ``None`` when the model declares it is not
@@ -211,67 +197,6 @@ def model_degree(model, X) -> tuple[Optional[int], str]:
         return None, "declared not homogeneous"
     report = homogeneity_degree(model, X[: min(64, X.shape[0])])
     return report.degree, report.verdict()
-
-
-def plot_margin_panel(run_dir, out_dir=None) -> list:
-    """``fig2.png/pdf``: the Fig. 2 margin plot; beside it the margins' convergence on log
-    axes (:mod:`.margins_convergence`); below, alignment ``1 - cos(W, -grad L)`` and the
-    directional path length (plus the angle to the final direction when directions were
-    stored), all against ``ln(n/L)``."""
-    from .. import plots
-
-    plt = plots._pyplot()
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir)
-    log = plots.read_log(run_dir)
-    if len(log) == 0:
-        return []
-    fig, ((ax_m, ax_c), (ax_a, ax_p)) = plt.subplots(2, 2, figsize=(13, 9))
-    plots.draw_margins(ax_m, run_dir)
-    trajectories = plots.margin_trajectories(run_dir)
-    if trajectories is not None:
-        draw_convergence(ax_c, trajectories[0], trajectories[1])
-    summary = _read_json(run_dir / "summary.json")
-    meta = _read_json(run_dir / "config.json")
-    config = meta.get("config", {})
-    ax_m.set_title(f"{config.get('model', '?')} on {meta.get('data', {}).get('data', config.get('data', '?'))}, "
-                   f"n = {meta.get('data', {}).get('n', '?')} ({summary.get('dynamics', config.get('dynamics', '?'))})")
-    x = log["ln_n_over_L"].to_numpy()
-    cos = log["alignment_cos"].to_numpy(dtype=float) if "alignment_cos" in log else np.full(len(x), np.nan)
-    ok = np.isfinite(cos)
-    if ok.any() and 1.0 - cos[ok][-1] < 0.05:  # close to 1: the distance to 1 on a log scale
-        ax_a.semilogy(x[ok], np.clip(1.0 - cos[ok], 1e-16, None), lw=1.5)
-        ax_a.set_title("alignment: $1 - \\cos(W, -\\nabla L)$")
-    else:
-        ax_a.plot(x[ok], cos[ok], lw=1.2)
-        ax_a.set_ylim(min(-0.05, float(np.nanmin(cos[ok])) if ok.any() else 0.0), 1.02)
-        ax_a.set_title("alignment: $\\cos(W, -\\nabla L)$")
-    ax_a.set_xlabel("$\\ln(n/L)$")
-    ax_a.grid(alpha=0.3, which="both")
-    ax_p.plot(x, log["path_length"], lw=1.5, color="C0", label="path length $\\zeta$")
-    ax_p.set_ylabel("directional path length $\\zeta$")
-    ax_p.set_xlabel("$\\ln(n/L)$")
-    ax_p.set_title("directional path length")
-    ax_p.grid(alpha=0.3)
-    angles_path = run_dir / "angle_to_final.npy"
-    if angles_path.exists():
-        angles = np.load(angles_path)
-        m = min(len(angles), len(x))
-        keep = angles[:m] > 0  # the last point is the final direction itself (angle 0)
-        twin = ax_p.twinx()
-        twin.semilogy(x[:m][keep], angles[:m][keep], lw=1.2, color="C3")
-        twin.set_ylabel("angle to final direction (rad)", color="C3")
-        ax_p.set_title("path length (blue), angle to final (red)")
-    fig.tight_layout()
-    paths = plots.save(fig, out_dir, "fig2")
-    plt.close(fig)
-    return paths
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def set_batch_norm(model: torch.nn.Module, mode: str) -> None:

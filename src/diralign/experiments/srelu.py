@@ -26,8 +26,9 @@ from .. import maxmargin
 from ..config import TrainConfig
 from ..data.planar import embed, planar_data
 from ..errors import UserError
+from ..options import inherit, option
 from ..problem import Problem
-from ..store import read_array_log
+from ..rundir import Run
 from .base import Experiment, Setup
 
 ACTIVATIONS = ("squared-relu", "relu")
@@ -36,16 +37,16 @@ COVERING_CANDIDATES = 24  # logged times tried as t0 for the covering condition
 
 @dataclass
 class SReLUConfig(TrainConfig):
-    data: str = "teacher"  # "teacher" (seeded planar teacher) or an .npz with X [n, 2], y [n]
-    n: int = 40
-    data_margin: float = 0.1  # teacher standard deviations (see diralign.data.planar)
-    teacher_hidden: int = 8
-    width: int = 40
-    activation: str = "squared-relu"  # squared-relu (eq. 4.5) or relu (non-smooth twin)
-    init_scale: float = 1.0
-    target_ln_n_over_L: float = 300.0
-    lp_grid_points: int = 4000  # Fibonacci grid of S^2 for the infinite-width LP
-    lp_certificate_step: float = 0.01  # radians: lat-long grid for its dual certificate
+    data: str = option("teacher", "\"teacher\" (seeded planar teacher) or an .npz with X [n, 2], y [n]")
+    n: int = option(40, "number of examples")
+    data_margin: float = option(0.1, "teacher standard deviations (see diralign.data.planar)")
+    teacher_hidden: int = option(8, "hidden width of the random teacher that labels the planar data")
+    width: int = option(40, "number of hidden neurons")
+    activation: str = option("squared-relu", "squared-relu (eq. 4.5) or relu (non-smooth twin)")
+    init_scale: float = option(1.0, "scale of the initial weights")
+    target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 300.0)
+    lp_grid_points: int = option(4000, "Fibonacci grid of S^2 for the infinite-width LP")
+    lp_certificate_step: float = option(0.01, "radians: lat-long grid for its dual certificate")
 
 
 def neuron_panel(w: torch.Tensor, grad: torch.Tensor, width: int) -> dict:
@@ -126,18 +127,17 @@ def covering(run_dir, theta_final: np.ndarray, signs: np.ndarray, width: int, st
     empty = {"covering_epsilon": None, "covering_ln_n_over_L": None}
     if run_dir is None:
         return empty
-    directions = read_array_log(run_dir.path, "directions")
+    run = Run(run_dir.path)
+    directions = run.directions
     if directions is None or len(directions) == 0:
         return empty
-    import pandas as pd
-
-    log = pd.read_csv(run_dir.path / "log.csv")
-    count = min(len(directions), len(log))
+    s = run.ln_n_over_L
+    count = len(directions)
     picks = np.unique(np.linspace(0, count - 1, min(COVERING_CANDIDATES, count)).round().astype(int))
     best = (math.inf, None)
     for i in picks:
         theta0 = unit_rows(np.asarray(directions[i], dtype=np.float64).reshape(width, -1))
         eps = maxmargin.covering_epsilon(theta0, theta_final, signs, step)
         if eps < best[0]:
-            best = (eps, float(log["ln_n_over_L"].iloc[i]))
+            best = (eps, float(s[i]))
     return {"covering_epsilon": best[0], "covering_ln_n_over_L": best[1]}

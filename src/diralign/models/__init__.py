@@ -12,9 +12,9 @@ register("deep-linear")(DeepLinear)
 
 from . import torchvision_models  # noqa: E402,F401  registers resnet18, densenet121
 from .alexnet import HAlexNet  # noqa: E402  registers h-alexnet
-from .squared_relu import SquaredReLUNet, squared_relu_sum  # noqa: E402  registers squared-relu, srelu
-from .signed_relu import SignedReLUNet  # noqa: E402  registers signed-relu
 from .ntk import LinearizedModel, SquaredReLUNTK, ntk_linearize, squared_relu_ntk  # noqa: E402
+from .signed_relu import SignedReLUNet  # noqa: E402  registers signed-relu
+from .squared_relu import SquaredReLUNet, squared_relu_sum  # noqa: E402  registers squared-relu, srelu
 
 __all__ = [
     "MODELS",
@@ -22,6 +22,8 @@ __all__ = [
     "register",
     "resolve_factory",
     "DeepLinear",
+    "HAlexNet",
+    "SignedReLUNet",
     "HomogeneityReport",
     "LinearModel",
     "declared_degree",

@@ -10,7 +10,7 @@ there are five weight layers and no biases, so ``f(x; cW) = c^5 f(x; W)``: the n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -13,13 +13,15 @@ surface from the final one and from the NTK max-margin one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ..plots import _pyplot, read_log, save
-from .fig1 import SNAPSHOTS, read_surfaces, surface_distance
+from ..probes import surface_distance
+from ..rundir import Run, schema
+from .common import _pyplot, as_run, save
+
+SNAPSHOTS = schema.FIG1_SNAPSHOTS
 
 TITLES = {
     "a": "(a) NTK max-margin predictor",
@@ -28,12 +30,8 @@ TITLES = {
 }
 
 
-def load_snapshot(run_dir: Path, panel: str):
-    path = Path(run_dir) / SNAPSHOTS[panel]
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+def load_snapshot(run: Run, panel: str):
+    return run.npz(SNAPSHOTS[panel])
 
 
 def draw_contour(ax, snap: dict, title: str) -> None:
@@ -57,9 +55,9 @@ def draw_contour(ax, snap: dict, title: str) -> None:
         ax.set_title(f"{title}\nat $\\ln(n/L)$ = {float(snap['ln_n_over_L']):.3g}", fontsize=10)
 
 
-def plot_contours(run_dir: Path, out_dir: Path) -> list[Path]:
+def plot_contours(run: Run, out_dir: Path) -> list[Path]:
     plt = _pyplot()
-    snaps = {panel: load_snapshot(run_dir, panel) for panel in SNAPSHOTS}
+    snaps = {panel: load_snapshot(run, panel) for panel in SNAPSHOTS}
     if not any(snaps.values()):
         return []
     paths = []
@@ -84,12 +82,11 @@ def plot_contours(run_dir: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
-def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
+def plot_fig1_curves(run: Run, out_dir: Path) -> list[Path]:
     plt = _pyplot()
-    log = read_log(run_dir)
-    x = log["ln_n_over_L"].to_numpy()
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    log = run.log
+    x = run.ln_n_over_L
+    summary = run.summary
     separable = summary.get("first_separable_ln_n_over_L")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     ax = axes[0, 0]
@@ -116,23 +113,22 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
     ax.plot(x, log["path_length"])
     ax.set_title("directional path length $\\zeta$")
     ax = axes[1, 1]
-    surfaces = read_surfaces(run_dir)
+    surfaces = run.array(schema.SURFACES)
     if surfaces is not None and len(surfaces):
         rows = min(len(surfaces), len(x))
         traj = np.asarray(surfaces[:rows], dtype=np.float64)
         # The last row is the final surface itself (distance 0): not drawn on a log axis.
         to_final = np.array([surface_distance(row, traj[-1]) for row in traj[:-1]])
         ax.semilogy(x[: rows - 1], to_final, label="from the final surface")
-        ntk = load_snapshot(run_dir, "a")
+        ntk = load_snapshot(run, "a")
         if ntk is not None and "surface_values" in ntk:
             to_ntk = np.array([surface_distance(row, ntk["surface_values"]) for row in traj])
             ax.semilogy(x[:rows], to_ntk, label="from the NTK max-margin surface")
         ax.legend(fontsize=8)
     ax.set_title("distance of the normalised prediction surface")
     ax = axes[1, 2]
-    angles_path = run_dir / "angle_to_final.npy"
-    if angles_path.exists():
-        angles = np.load(angles_path)
+    angles = run.angle_to_final
+    if angles is not None:
         m = min(len(angles), len(x)) - 1  # without the final point (angle 0)
         ax.semilogy(x[:m], angles[:m])
     ax.set_title("angle of $W/\\|W\\|$ to the final direction (rad)")
@@ -148,7 +144,7 @@ def plot_curves(run_dir: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
-def plot_fig1(run_dir, out_dir=None) -> list[Path]:
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir)
-    return plot_contours(run_dir, out_dir) + plot_curves(run_dir, out_dir)
+def plot_fig1(run, out_dir=None) -> list[Path]:
+    run = as_run(run)
+    out_dir = Path(out_dir or run.path)
+    return plot_contours(run, out_dir) + plot_fig1_curves(run, out_dir)

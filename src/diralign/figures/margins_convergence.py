@@ -1,4 +1,4 @@
-"""Convergence of the per-example margins, legible at a glance (the fourth panel of ``fig2``).
+"""Convergence of the per-example margins, legible at a glance (the panel beside the margins in ``fig2``).
 
     diralign plot runs/margins      # fig2.png: margins, convergence, alignment, path length
 

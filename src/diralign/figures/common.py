@@ -1,21 +1,20 @@
-"""Figures from a run directory, never from live state.
+"""Figures every run gets, drawn from its run directory (through :class:`~diralign.rundir.Run`).
 
     diralign plot runs/deep-linear
 
-Common figures for every run: the instrument panel against ``ln(n/L)`` (margins,
-alignment, path length, angle to the final direction, per-layer shares) and the
-paper's Fig. 2-style margin plot.  Experiments may add their own (``Experiment.plot``).
+``curves``: the instrument panel against ``ln(n/L)`` (margins, alignment, path length, angle
+to the final direction, per-layer shares); ``margins``: the paper's Fig. 2-style plot of
+every example's normalised margin.  The drawing helpers here are shared by the experiments'
+figures and by ``diralign compare``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .store import read_array_log
+from ..rundir import Run, schema
 
 
 def _pyplot():
@@ -27,13 +26,8 @@ def _pyplot():
     return plt
 
 
-def read_log(run_dir):
-    import pandas as pd
-
-    path = Path(run_dir) / "log.csv"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no log.csv; is it a diralign run directory?")
-    return pd.read_csv(path)
+def as_run(run) -> Run:
+    return run if isinstance(run, Run) else Run(run)
 
 
 def save(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -45,18 +39,18 @@ def save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def plot_curves(run_dir, out_dir=None) -> list[Path]:
+def plot_curves(run, out_dir=None) -> list[Path]:
     plt = _pyplot()
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir)
-    log = read_log(run_dir)
-    x = log["ln_n_over_L"].to_numpy()
+    run = as_run(run)
+    out_dir = Path(out_dir or run.path)
+    log = run.log
+    x = run.ln_n_over_L
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     panels = [
-        ("min_normalized_margin", "min normalised margin $\\gamma$"),
-        ("alignment_cos", "alignment $\\cos(W, -\\nabla L)$"),
-        ("path_length", "directional path length $\\zeta$"),
-        ("normalized_smoothed_margin", "normalised smoothed margin $\\tilde\\alpha$"),
+        (schema.MIN_NORMALIZED_MARGIN, "min normalised margin $\\gamma$"),
+        (schema.ALIGNMENT_COS, "alignment $\\cos(W, -\\nabla L)$"),
+        (schema.PATH_LENGTH, "directional path length $\\zeta$"),
+        (schema.NORMALIZED_SMOOTHED_MARGIN, "normalised smoothed margin $\\tilde\\alpha$"),
     ]
     for ax, (col, title) in zip(axes.flat, panels):
         if col in log and np.isfinite(log[col]).any():
@@ -65,18 +59,17 @@ def plot_curves(run_dir, out_dir=None) -> list[Path]:
         ax.set_xlabel("$\\ln(n/L)$")
         ax.grid(alpha=0.3)
     ax = axes.flat[4]
-    angles_path = run_dir / "angle_to_final.npy"
-    if angles_path.exists():
-        angles = np.load(angles_path)
+    angles = run.angle_to_final
+    if angles is not None:
         m = min(len(angles), len(x))
         ax.semilogy(x[:m], np.maximum(angles[:m], 1e-16))
     ax.set_title("angle to final direction (rad)")
     ax.set_xlabel("$\\ln(n/L)$")
     ax.grid(alpha=0.3)
     ax = axes.flat[5]
-    shares = [c for c in log.columns if c.startswith("share:")]
+    shares = schema.block_columns(log.columns)
     for col in shares[:12]:
-        ax.plot(x, log[col], label=col[6:])
+        ax.plot(x, log[col], label=col[len(schema.SHARE_PREFIX):])
     if shares:
         ax.legend(fontsize=7)
     ax.set_title("per-layer norm share $\\|U_j\\|^2/\\|W\\|^2$")
@@ -90,37 +83,32 @@ def plot_curves(run_dir, out_dir=None) -> list[Path]:
     return paths
 
 
-def margin_trajectories(run_dir, max_lines: int = 2000):
+def margin_trajectories(run, max_lines: int = 2000):
     """``(x, traj, degree)``: ``ln(n/L)`` at each log point and the stored normalised margins
     of at most ``max_lines`` examples, columns in final-margin order (thinned evenly in rank).
 
     Reads only the selected columns of the memory-mapped ``margins.bin``, so 50,000
     examples times thousands of log points never have to fit in memory.
     """
-    run_dir = Path(run_dir)
-    margins = read_array_log(run_dir, "margins")
-    if margins is None or len(margins) == 0:
+    run = as_run(run)
+    margins = run.margins
+    if len(margins) == 0:
         return None
-    log = read_log(run_dir)
-    rows = min(len(margins), len(log))
-    x = log["ln_n_over_L"].to_numpy()[:rows]
+    rows = len(margins)
+    x = run.ln_n_over_L[:rows]
     order = np.argsort(np.asarray(margins[rows - 1], dtype=np.float64), kind="stable")
     n = len(order)
     if n > max_lines:  # thin out evenly in final-margin order so the plot stays legible
         order = order[np.linspace(0, n - 1, max_lines).astype(int)]
     traj = np.asarray(margins[:rows][:, order], dtype=np.float64)
-    degree = None
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        degree = json.loads(summary_path.read_text()).get("homogeneity_degree")
-    return x, traj, degree
+    return x, traj, run.degree
 
 
-def draw_margins(ax, run_dir, max_lines: int = 2000, cmap_name: str = "rainbow") -> bool:
+def draw_margins(ax, run, max_lines: int = 2000, cmap_name: str = "rainbow") -> bool:
     """Paper Fig. 2/3 on ``ax``: one line per example, coloured by final-margin rank."""
     import matplotlib.pyplot as plt
 
-    data = margin_trajectories(run_dir, max_lines)
+    data = margin_trajectories(run, max_lines)
     if data is None:
         return False
     x, traj, degree = data
@@ -139,7 +127,7 @@ def draw_margins(ax, run_dir, max_lines: int = 2000, cmap_name: str = "rainbow")
         pad = 0.05 * (high - low) or 1.0
         ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("$\\ln(n/L)$")
-    ax.set_ylabel("margin / $\\|W\\|^{%s}$" % degree if degree else "margin / median nonnegative margin")
+    ax.set_ylabel(f"margin / $\\|W\\|^{{{degree}}}$" if degree else "margin / median nonnegative margin")
     ax.axhline(0.0, color="k", lw=0.5)
     if x[-1] > x[0]:
         ax.set_xlim(x[0], x[-1])
@@ -147,30 +135,17 @@ def draw_margins(ax, run_dir, max_lines: int = 2000, cmap_name: str = "rainbow")
     return True
 
 
-def plot_margins(run_dir, out_dir=None, max_lines: int = 2000) -> list[Path]:
+def plot_margins(run, out_dir=None, max_lines: int = 2000) -> list[Path]:
     """Paper Fig. 2/3: one line per example, coloured by final-margin rank."""
     plt = _pyplot()
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir or run_dir)
+    run = as_run(run)
+    out_dir = Path(out_dir or run.path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if not draw_margins(ax, run_dir, max_lines):
+    if not draw_margins(ax, run, max_lines):
         plt.close(fig)
         return []
-    meta = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    ax.set_title(f"per-example margins ({meta.get('experiment', 'run')})")
+    ax.set_title(f"per-example margins ({run.experiment})")
     fig.tight_layout()
     paths = save(fig, out_dir, "margins")
     plt.close(fig)
-    return paths
-
-
-def plot_run(run_dir, out_dir=None) -> list[Path]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not a diralign run directory (no config.json)")
-    paths = plot_curves(run_dir, out_dir) + plot_margins(run_dir, out_dir)
-    meta = json.loads((run_dir / "config.json").read_text())
-    from .experiments import get_experiment
-
-    paths += get_experiment(meta["experiment"]).plot(run_dir, Path(out_dir or run_dir))
     return paths
