@@ -86,3 +86,14 @@ def test_log_space_fold_is_exact_in_any_order_and_keeps_single_pieces_bit_for_bi
     combine_log_space([(logs[0], grads[0], margins[0]), (logs[1], grads[1], margins[1])])
     assert torch.equal(grads[0], before)
     assert math.isinf(float(combine_log_space([(logs[2], grads[2], margins[2])])[0]))
+
+
+def test_deferred_gradient_equals_evaluate_in_one_chunk_and_in_several():
+    for chunk in (None, 7):
+        problem = _problem(chunk_size=chunk)
+        w = problem.flat_params() * 2.0
+        ev = problem.evaluate(w)
+        lazy, gradient = problem.evaluate_deferred(w)
+        assert lazy.grad is None and lazy.log_risk == ev.log_risk and lazy.correct == ev.correct
+        assert torch.equal(lazy.margins, ev.margins)
+        assert torch.equal(gradient(), ev.grad)  # bit for bit: the same operations

@@ -191,6 +191,30 @@ class Problem:
             correct = int((margins > 0).sum())
         return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=int(correct))
 
+    def evaluate_deferred(self, w: torch.Tensor) -> tuple[Evaluation, Callable[[], torch.Tensor]]:
+        """:meth:`evaluate` in two halves: the evaluation without its gradient now, and a
+        function that returns the gradient (the same numbers as ``evaluate(w).grad``).
+
+        With the data in one chunk the forward pass keeps its graph, so the gradient costs
+        only the backward pass, and nothing if it is never asked for (a rejected step).
+        Otherwise (several chunks, or distributed) the gradient is computed with the pass.
+        """
+        if self.reducer is not None or (self.chunk_size and self.X.shape[0] > self.chunk_size):
+            ev = self.evaluate(w, need_grad=True)
+            grad, ev.grad = ev.grad, None
+            return ev, lambda: grad
+        leaves = self._leaves(w)
+        with torch.enable_grad():
+            log_losses, margins = self._log_losses_and_margins(self._call(dict(zip(self.names, leaves)), self.X), self.y)
+            lr = torch.logsumexp(log_losses, dim=0)
+        margins = margins.detach()
+        ev = Evaluation(log_risk=float(lr.detach()), grad=None, margins=margins, correct=int((margins > 0).sum()))
+
+        def gradient() -> torch.Tensor:
+            return self._flat_grad(torch.autograd.grad(lr, leaves, allow_unused=True), leaves)
+
+        return ev, gradient
+
     def evaluate_subset(self, w: torch.Tensor, index: torch.Tensor, need_grad: bool = True) -> Evaluation:
         """The oracle on the examples ``index`` only (an SGD minibatch), chunked.
 

@@ -139,6 +139,27 @@ class MinibatchSGD(Dynamics):
             self.eta = float(eta)
         return w if bool(ok) else None
 
+    def _check(self, w_new, with_grad: bool):
+        """The end-of-epoch risk at ``w_new`` (``None`` if non-finite); with its gradient when
+        the next epoch (full batch) or a log point wants it.
+
+        The gradient is taken only once the risk has passed the test: where the data fit in
+        one chunk, the forward pass keeps its graph and the backward pass runs on acceptance
+        (a rejected epoch costs a forward pass, not a forward and a backward pass); with more
+        chunks, keeping every chunk's graph would give up the memory bound, so the gradient
+        comes with the pass.
+        """
+        self.check_abort()
+        if not with_grad:
+            new = self.problem.evaluate(w_new, need_grad=False)
+            return new if finite(new) else None
+        new, gradient = self.problem.evaluate_deferred(w_new)
+        if not math.isfinite(new.log_risk):
+            return None
+        new.grad = gradient()
+        self._spent += 1.0
+        return new if finite(new) else None
+
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
         # Shuffle all n examples (identically on every rank under torch.distributed, where
         # evaluate_subset lets each rank evaluate its part of B and reduces the parts).
@@ -151,10 +172,8 @@ class MinibatchSGD(Dynamics):
             order = torch.randperm(n_total, generator=self.generator)
             w_new = self._epoch(w, ev, order)
             if w_new is not None:
-                with_grad = self.full_batch or self.gradient_wanted  # a log point follows: reuse this pass
-                new = self.evaluate(w_new, need_grad=with_grad)
-                self._spent += 1.0 if with_grad else 0.0
-                if finite(new) and new.log_risk <= bound:
+                new = self._check(w_new, with_grad=self.full_batch or self.gradient_wanted)
+                if new is not None and new.log_risk <= bound:
                     self.eta *= self.growth
                     return StepResult(w_new, new, round(self._spent), rejected)
             rejected += 1
