@@ -21,7 +21,9 @@ epoch for ``L_full``, chunked like diralign's.  No instruments, no safeguards.
 epochs are work too: each is a full pass).  The two loops alternate (plain, diralign,
 diralign, plain, ...) ``--repeats`` times in one process, after one untimed warm-up each, so
 a shared machine's changing load hits both alike; the median over repeats is the headline and
-the machine's load average is recorded.  Speed is a ratio measured here, never a constant.
+the machine's load average is recorded.  Both wall and CPU time are reported: with one thread
+(``--threads 1``) CPU time is what the epoch would take on an idle core, and it is the steadier
+number on a shared machine.  Speed is a ratio measured here, never a constant.
 """
 
 from __future__ import annotations
@@ -90,10 +92,22 @@ class Plain:
 
 
 # -- instruments on the real run (timing wrappers only; they change nothing) ---------------------------
+def clocks() -> tuple[float, float]:
+    """(wall, CPU) seconds.  CPU time of a one-thread process is what it would take on an idle
+    core; on a shared machine it is the steadier of the two."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start) -> tuple[float, float]:
+    wall, cpu = clocks()
+    return wall - start[0], cpu - start[1]
+
+
 class Recorder:
     def __init__(self):
-        self.steps = []  # (seconds, full_batch)
-        self.passes = []  # (seconds, need_grad, inside_step)
+        self.loop = (0.0, 0.0)  # Trainer.train: the training loop
+        self.steps = []  # ((wall, cpu), full_batch)
+        self.passes = []  # ((wall, cpu), need_grad, inside_step)
         self.inside = False
 
 
@@ -101,8 +115,9 @@ class Recorder:
 def recording(rec: Recorder):
     from diralign.dynamics.sgd import MinibatchSGD
     from diralign.problem import Problem
+    from diralign.trainer import Trainer
 
-    evaluate, step = Problem.evaluate, MinibatchSGD.step
+    evaluate, step, train = Problem.evaluate, MinibatchSGD.step, Trainer.train
 
     def sync(problem):
         if problem.device.type == "cuda":
@@ -110,29 +125,39 @@ def recording(rec: Recorder):
 
     def timed_evaluate(self, w, need_grad=True):
         sync(self)
-        t = time.perf_counter()
+        t = clocks()
         out = evaluate(self, w, need_grad)
         sync(self)
-        rec.passes.append((time.perf_counter() - t, bool(need_grad), rec.inside))
+        rec.passes.append((since(t), bool(need_grad), rec.inside))
         return out
 
     def timed_step(self, w, ev, target=None):
         rec.inside = True
-        t = time.perf_counter()
+        t = clocks()
         try:
             return step(self, w, ev, target)
         finally:
             rec.inside = False
-            rec.steps.append((time.perf_counter() - t, self.full_batch))
+            rec.steps.append((since(t), self.full_batch))
 
-    Problem.evaluate, MinibatchSGD.step = timed_evaluate, timed_step
+    def timed_train(self, *a, **k):
+        t = clocks()
+        try:
+            return train(self, *a, **k)
+        finally:
+            d = since(t)
+            rec.loop = (rec.loop[0] + d[0], rec.loop[1] + d[1])
+
+    Problem.evaluate, MinibatchSGD.step, Trainer.train = timed_evaluate, timed_step, timed_train
     try:
         yield rec
     finally:
-        Problem.evaluate, MinibatchSGD.step = evaluate, step
+        Problem.evaluate, MinibatchSGD.step, Trainer.train = evaluate, step, train
 
 
-def diralign_epochs(model: str, data: str, args, epochs: int, forward_seconds: float) -> dict:
+def diralign_epochs(model: str, data: str, args, epochs: int, forward: tuple) -> dict:
+    """The real run for ``epochs`` epochs; per epoch of work, (wall, CPU) seconds of the epoch
+    proper and of the log-point work.  ``forward``: (wall, CPU) of a forward-only full pass."""
     from diralign.experiments.margins import MarginsExperiment
     from diralign.runner import start_run
 
@@ -141,38 +166,41 @@ def diralign_epochs(model: str, data: str, args, epochs: int, forward_seconds: f
     with tempfile.TemporaryDirectory(prefix="epoch-cost-") as tmp, recording(rec):
         summary, _, _ = start_run(MarginsExperiment(), sets, Path(tmp) / "run", quiet=True)
         log_rows = _log_rows(Path(tmp) / "run")
-    loop = float(summary["wall_seconds"])
     work = int(summary["steps"]) + int(summary["rejected_steps"])
-    in_step = sum(s for s, _ in rec.steps)
     full_batch = any(fb for _, fb in rec.steps)
-    grad_passes = [s for s, g, inside in rec.passes if g and inside]
-    # A full-data gradient inside an epoch is log-point work (the epoch itself needs only the
-    # risk), except in full-batch runs, where it *is* the epoch's step.
-    extra = 0.0 if full_batch else sum(grad_passes) - len(grad_passes) * forward_seconds
-    proper = in_step - extra
-    return {
-        "loop_seconds": loop,
+    grad_passes = [t for t, g, inside in rec.passes if g and inside]
+    out = {
         "epochs_of_work": work,
         "accepted_epochs": int(summary["steps"]),
         "rejected_epochs": int(summary["rejected_steps"]),
-        "epoch_proper_seconds": proper / work,
-        "log_point_seconds_per_epoch": (loop - proper) / work,
         "log_point_gradient_passes": 0 if full_batch else len(grad_passes),
         "full_batch": full_batch,
         "ln_n_over_L": summary["ln_n_over_L"],
         "log_rows": log_rows,
     }
+    for k, clock in enumerate(("wall", "cpu")):
+        in_step = sum(t[k] for t, _ in rec.steps)
+        # A full-data gradient inside an epoch is log-point work (the epoch itself needs only
+        # the risk), except in full-batch runs, where it *is* the next epoch's step.
+        extra = 0.0 if full_batch else sum(t[k] for t in grad_passes) - len(grad_passes) * forward[k]
+        proper = in_step - extra
+        out[f"epoch_proper_{clock}"] = proper / work
+        out[f"log_point_{clock}_per_epoch"] = (rec.loop[k] - proper) / work
+        out[f"loop_{clock}"] = rec.loop[k]
+    return out
 
 
-def forward_pass_seconds(problem, w, repeats: int = 3) -> float:
-    times = []
+def forward_pass_seconds(problem, w, repeats: int = 3) -> tuple[float, float]:
+    """(wall, CPU) of the fastest of ``repeats`` forward-only full-data passes."""
+    best = None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clocks()
         problem.evaluate(w, need_grad=False)
         if problem.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        d = since(t)
+        best = d if best is None or d[0] < best[0] else best
+    return best
 
 
 def _log_rows(run_dir) -> int:
@@ -202,22 +230,21 @@ def measure(model: str, data: str, args) -> dict:
         timing = {}
         for which in order:
             if which == "plain":
-                t = time.perf_counter()
+                t = clocks()
                 for _ in range(args.epochs):
                     plain.epoch()
-                timing["plain"] = (time.perf_counter() - t) / args.epochs
+                wall, cpu = since(t)
+                timing["plain"] = {"wall": wall / args.epochs, "cpu": cpu / args.epochs}
             else:
                 timing["diralign"] = diralign_epochs(model, data, args, args.epochs, forward)
         d = timing["diralign"]
-        repeats.append({
-            "plain_epoch_seconds": timing["plain"],
-            **d,
-            "ratio": d["epoch_proper_seconds"] / timing["plain"],
-            "ratio_with_log_points": (d["epoch_proper_seconds"] + d["log_point_seconds_per_epoch"]) / timing["plain"],
-        })
+        row = {"plain_epoch_wall": timing["plain"]["wall"], "plain_epoch_cpu": timing["plain"]["cpu"], **d}
+        for clock in ("wall", "cpu"):
+            row[f"ratio_{clock}"] = d[f"epoch_proper_{clock}"] / timing["plain"][clock]
+            row[f"ratio_with_log_points_{clock}"] = (d[f"epoch_proper_{clock}"] + d[f"log_point_{clock}_per_epoch"]) / timing["plain"][clock]
+        repeats.append(row)
         load.append(os.getloadavg()[0])
-    ratios = [r["ratio"] for r in repeats]
-    return {
+    out = {
         "model": model,
         "data": data,
         "n": problem.n,
@@ -228,17 +255,18 @@ def measure(model: str, data: str, args) -> dict:
         "device": str(problem.device),
         "threads": torch.get_num_threads(),
         "epochs_per_repeat": args.epochs,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "ratio_with_log_points_median": statistics.median(r["ratio_with_log_points"] for r in repeats),
-        "plain_epoch_seconds_median": statistics.median(r["plain_epoch_seconds"] for r in repeats),
-        "diralign_epoch_proper_seconds_median": statistics.median(r["epoch_proper_seconds"] for r in repeats),
-        "log_point_seconds_per_epoch_median": statistics.median(r["log_point_seconds_per_epoch"] for r in repeats),
-        "full_data_forward_seconds": forward,
+        "full_data_forward_wall": forward[0],
+        "full_data_forward_cpu": forward[1],
         "load_average_1min": load,
         "repeats": repeats,
     }
+    for key in ("ratio_wall", "ratio_cpu", "ratio_with_log_points_wall", "ratio_with_log_points_cpu", "plain_epoch_wall",
+                "plain_epoch_cpu", "epoch_proper_wall", "epoch_proper_cpu", "log_point_wall_per_epoch", "log_point_cpu_per_epoch"):
+        values = [r[key] for r in repeats]
+        out[f"{key}_median"] = statistics.median(values)
+        if key.startswith("ratio"):
+            out[f"{key}_range"] = [min(values), max(values)]
+    return out
 
 
 def main(argv=None) -> int:
@@ -264,11 +292,12 @@ def main(argv=None) -> int:
             row = measure(model.strip(), data.strip(), args)
             results.append(row)
             print(
-                f"{row['model']:>12} {row['data']:>16} n={row['n']:<6} batch={row['batch_size']:<4} "
-                f"plain {row['plain_epoch_seconds_median']:.3f} s/epoch  diralign {row['diralign_epoch_proper_seconds_median']:.3f}"
-                f"  ratio {row['ratio_median']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]"
-                f"  + log points {row['log_point_seconds_per_epoch_median']:.3f} s/epoch"
-                f" (ratio with them {row['ratio_with_log_points_median']:.3f})  load {max(row['load_average_1min']):.1f}",
+                f"{row['model']:>12} {row['data']:>16} n={row['n']:<6} batch={row['batch_size']:<4} threads={row['threads']}"
+                f"  plain {row['plain_epoch_wall_median']:.3f} s/epoch (cpu {row['plain_epoch_cpu_median']:.3f})"
+                f"  diralign {row['epoch_proper_wall_median']:.3f} (cpu {row['epoch_proper_cpu_median']:.3f})"
+                f"  ratio wall {row['ratio_wall_median']:.3f} cpu {row['ratio_cpu_median']:.3f}"
+                f"  + log points {row['log_point_wall_per_epoch_median']:.3f} s/epoch"
+                f" (ratio with them {row['ratio_with_log_points_wall_median']:.3f})  load {max(row['load_average_1min']):.1f}",
                 flush=True,
             )
     if args.json:

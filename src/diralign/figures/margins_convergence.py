@@ -9,7 +9,7 @@ curves per run, both relative to ``max_i |q_i(final)|`` so that runs compare:
 * the **distance to the final margin** ``|q_i(s) - q_i(s_end)|`` of each example (thin lines
   coloured by final-margin rank, as in the margin plot; their median thick).  It reaches 0 at
   the end by construction, so its plunge at the right edge says nothing;
-* the **rate** ``|dq_i / d ln s|`` (median over examples, dashed), from consecutive log points.
+* the **rate** ``|dq_i / d ln s|`` (median over examples, dashed), over steps of 0.1 in ``ln s``.
   It has no end-point artefact.  If ``q_i = q_i* + C s^(-p)`` both curves fall like ``s^(-p)``
   (the rate is ``p`` times the distance to the limit ``q_i*``); a margin still drifting at a
   steady slope ``c`` per unit ``s`` has a rate ``c s`` that *rises*.  Flattening margins read
@@ -24,6 +24,8 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+
+RATE_STEP = 0.1  # ln s between the points a rate is taken over (~23 per decade of ln(n/L))
 
 
 def convergence_curves(x: np.ndarray, traj: np.ndarray, start: Optional[float] = None) -> Optional[dict]:
@@ -44,10 +46,17 @@ def convergence_curves(x: np.ndarray, traj: np.ndarray, start: Optional[float] =
         return None
     scale = float(np.max(np.abs(traj[-1]))) or 1.0
     distance = np.abs(traj[:-1] - traj[-1]) / scale  # the last point (distance 0) is dropped
-    ds = np.diff(np.log(x))
-    good = ds > 0  # log points at the same ln(n/L) (a rejected stretch) give no rate
-    mid = np.sqrt(x[:-1] * x[1:])[good]
-    rate = (np.abs(np.diff(traj, axis=0))[good] / ds[good, None]) / scale
+    # The rate over steps of at least RATE_STEP in ln s: consecutive log points of an SGD run
+    # can be a hair apart, and their ratio is then mostly the noise of one epoch.
+    keep_rate = [0]
+    for i in range(1, len(x)):
+        if np.log(x[i] / x[keep_rate[-1]]) >= RATE_STEP or i == len(x) - 1:
+            keep_rate.append(i)
+    xr, tr = x[keep_rate], traj[keep_rate]
+    ds = np.diff(np.log(xr))
+    good = ds > 0
+    mid = np.sqrt(xr[:-1] * xr[1:])[good]
+    rate = (np.abs(np.diff(tr, axis=0))[good] / ds[good, None]) / scale
     return {
         "x": x[:-1],
         "distance": distance,
@@ -60,7 +69,7 @@ def convergence_curves(x: np.ndarray, traj: np.ndarray, start: Optional[float] =
     }
 
 
-def draw_convergence(ax, x: np.ndarray, traj: np.ndarray, max_lines: int = 150, cmap_name: str = "rainbow") -> bool:
+def draw_convergence(ax, x: np.ndarray, traj: np.ndarray, max_lines: int = 80, cmap_name: str = "rainbow") -> bool:
     """The panel on ``ax`` from ``(x, traj)`` as :func:`diralign.plots.margin_trajectories`
     returns them (columns in final-margin order)."""
     import matplotlib.pyplot as plt
@@ -75,7 +84,7 @@ def draw_convergence(ax, x: np.ndarray, traj: np.ndarray, max_lines: int = 150, 
     columns = np.unique(np.linspace(0, distance.shape[1] - 1, min(max_lines, distance.shape[1])).astype(int))
     colors = plt.get_cmap(cmap_name)(np.linspace(0.0, 1.0, distance.shape[1]))[columns]
     segments = [np.column_stack([xs, np.maximum(distance[:, c], floor)]) for c in columns]
-    ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.4, alpha=0.35))
+    ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.4, alpha=0.3))
     ax.fill_between(xs, np.maximum(curves["distance_band"][0], floor), np.maximum(curves["distance_band"][1], floor),
                     color="0.5", alpha=0.25, lw=0, label="distance, 10-90% of examples")
     ax.plot(xs, np.maximum(curves["distance_median"], floor), color="k", lw=2.0, label="distance to final, median")
