@@ -360,6 +360,7 @@ def test_cli_bad_factory_is_one_line_exit_2(user_package, experiment, factory, m
 # -- examples --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_example_own_model_digits(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(REPO / "examples" / "own_model_digits.py"), "--out", str(tmp_path / "r"), "--quiet"],

@@ -273,6 +273,7 @@ def assert_same_run(got: dict, want: dict, rel=1e-8):
 DEEP_LINEAR = ["--set", "threads=1", "--set", "rtol=1e-8"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_only_rank_zero_writes(tmp_path):
     sets = [*DEEP_LINEAR, "--set", "target_ln_n_over_L=8"]
     out = tmp_path / "two"
@@ -311,6 +312,7 @@ def _rank_pid(launcher_pid: int, rank: int):
     return None
 
 
+@pytest.mark.slow
 def test_rank_death_exits_bounded_and_resumes_on_one_and_two_processes(tmp_path):
     sets = [*DEEP_LINEAR, "--set", "target_ln_n_over_L=15", "--set", "checkpoint_every_steps=10"]
     out = tmp_path / "killed"
@@ -351,6 +353,7 @@ def test_rank_death_exits_bounded_and_resumes_on_one_and_two_processes(tmp_path)
         assert len(log) == len(pd.read_csv(tmp_path / "one" / "log.csv"))
 
 
+@pytest.mark.slow
 def test_fig1_width_1000_two_processes_equal_one(tmp_path):
     """The explicit reference integrator (dopri5): with cvode, whose Newton/GMRES iteration
     counts react to last-bit differences, the runs agree to its tolerance instead (~2e-8

@@ -1,5 +1,6 @@
-"""The oracle (issue 13's hot path): per-tensor autograd leaves, the minibatch fast path and the
-streaming log-space fold that bounds a chunked evaluation's memory."""
+"""diralign.problem: the flat-vector oracle against finite differences, chunked exactly; the
+sgd hot path (issue 13): per-tensor autograd leaves, the minibatch fast path, deferred gradients
+and the streaming log-space fold that bounds a chunked evaluation's memory."""
 
 import math
 
@@ -7,9 +8,39 @@ import pytest
 import torch
 from torch import nn
 
+from diralign.data import separable_gaussian
+from diralign.models import DeepLinear
 from diralign.problem import LogSpaceSum, Problem, combine_log_space
 
 
+def _problem(loss="logistic", chunk_size=None):
+    X, y = separable_gaussian(40, 4, 0.1, seed=3)
+    model = DeepLinear(4, (5, 3), init_scale=1.0, generator=torch.Generator().manual_seed(1)).double()
+    return Problem(model, X, y, loss, degree=3, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("loss", ["logistic", "exp"])
+def test_oracle_gradient_matches_finite_differences(loss):
+    problem = _problem(loss)
+    w = problem.flat_params() * 3.0
+    ev = problem.evaluate(w)
+    direction = torch.randn(problem.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h = 1e-6
+    fd = (problem.evaluate(w + h * direction, need_grad=False).log_risk - problem.evaluate(w - h * direction, need_grad=False).log_risk) / (2 * h)
+    assert float(ev.grad @ direction) == pytest.approx(fd, rel=1e-7)
+
+
+def test_chunked_evaluation_is_exact():
+    whole = _problem()
+    chunked = _problem(chunk_size=7)
+    w = whole.flat_params() * 10.0  # risk far below l(0)
+    a, b = whole.evaluate(w), chunked.evaluate(w)
+    assert a.log_risk == pytest.approx(b.log_risk, rel=1e-14)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.margins, b.margins)
+
+
+# -- issue 13: the hot path ---------------------------------------------------------------------
 class TwoHeads(nn.Module):
     """A net with a parameter the loss never touches (its gradient must come back as zeros)."""
 
@@ -23,7 +54,7 @@ class TwoHeads(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def _problem(chunk_size=None):
+def _multiclass_problem(chunk_size=None):
     torch.manual_seed(0)
     model = TwoHeads().double()
     X = torch.randn(30, 4, dtype=torch.float64)
@@ -32,7 +63,7 @@ def _problem(chunk_size=None):
 
 
 def test_leaf_gradients_equal_the_flat_vector_gradient():
-    problem = _problem()
+    problem = _multiclass_problem()
     w = problem.flat_params() * 3.0
     ev = problem.evaluate(w)
     w_req = w.clone().requires_grad_(True)
@@ -43,7 +74,7 @@ def test_leaf_gradients_equal_the_flat_vector_gradient():
 
 
 def test_minibatch_fast_path_equals_evaluate_subset():
-    problem = _problem(chunk_size=4)  # a batch of 11 in chunks of 4, 4 and 3
+    problem = _multiclass_problem(chunk_size=4)  # a batch of 11 in chunks of 4, 4 and 3
     w = problem.flat_params()
     index = torch.tensor([3, 29, 0, 17, 8, 8, 12, 25, 1, 2, 14])
     log_risk, grad = problem.minibatch(w, index)
@@ -53,7 +84,7 @@ def test_minibatch_fast_path_equals_evaluate_subset():
 
 
 def test_chunked_evaluation_equals_whole_and_far_below_float64():
-    problem, whole = _problem(chunk_size=7), _problem()
+    problem, whole = _multiclass_problem(chunk_size=7), _multiclass_problem()
     w = problem.flat_params() * 40.0  # margins in the hundreds: L ~ e^-hundreds per example
     a, b = problem.evaluate(w), whole.evaluate(w)
     assert a.log_risk == pytest.approx(b.log_risk, rel=1e-13)
@@ -90,7 +121,7 @@ def test_log_space_fold_is_exact_in_any_order_and_keeps_single_pieces_bit_for_bi
 
 def test_deferred_gradient_equals_evaluate_in_one_chunk_and_in_several():
     for chunk in (None, 7):
-        problem = _problem(chunk_size=chunk)
+        problem = _multiclass_problem(chunk_size=chunk)
         w = problem.flat_params() * 2.0
         ev = problem.evaluate(w)
         lazy, gradient = problem.evaluate_deferred(w)

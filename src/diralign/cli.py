@@ -49,6 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw the figures of a run directory")
     plot.add_argument("dir")
 
+    from . import compare as compare_module
+    from . import sweep as sweep_module
+
+    sweep = sub.add_parser("sweep", help="run the product of --grid values, one run directory per point")
+    sweep_module.add_arguments(sweep)
+
+    compare = sub.add_parser("compare", help="overlay runs' curves against ln(n/L), labelled by config differences")
+    compare_module.add_arguments(compare)
+
+    export = sub.add_parser("export", help="convert a run (or each run of a sweep) to TensorBoard event files")
+    export.add_argument("dir", help="run directory or sweep directory")
+    export.add_argument("--tensorboard", metavar="OUT", required=True,
+                        help="write TensorBoard event files into OUT (a sweep: OUT/POINT)")
+    export.add_argument("--force", action="store_true", help="replace the event files in a non-empty OUT")
+
     show = sub.add_parser("config", help="every key --set accepts: section, type, default and meaning")
     show.add_argument("experiment")
 
@@ -149,6 +164,20 @@ def dispatch(args) -> int:
         return main_from_args(args)
     if args.command == "config":
         return _show_config(args.experiment)
+    if args.command == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(args)
+    if args.command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(args)
+    if args.command == "export":
+        from .tensorboard import export_many
+
+        for path in export_many(args.dir, args.tensorboard, force=args.force):
+            print(path)
+        return 0
     out = (args.out or "DIR") if args.command == "run" else args.dir
     try:
         out, summary, coordinator = _run(args) if args.command == "run" else _resume(args)

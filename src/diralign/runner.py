@@ -156,6 +156,7 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     # Build everything before touching the disk: a bad setting must not leave a half-made
     # run directory, nor delete the run that --force would replace.
     setup = build(experiment, config, coordinator)
+    _check_tensorboard(config)
     meta = {
         schema.META_EXPERIMENT: experiment.name,
         schema.META_CONFIG: config_to_dict(config),
@@ -190,6 +191,7 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
     if not isinstance(payload.get("state"), dict) or "w" not in payload["state"]:
         raise UserError(f"{path / schema.CHECKPOINT} holds no training state; restore the run's own checkpoint")
     config = config_from_dict(experiment.Config, run.config)
+    _check_tensorboard(config)
     setup = build(experiment, config, coordinator)
     problem = setup.problem
     if payload["state"]["w"].numel() != problem.dim:
@@ -200,6 +202,13 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
     if not coordinator.is_writer:
         store = None
     return _run(experiment, setup, config, store, state, quiet, coordinator, payload=payload)
+
+
+def _check_tensorboard(config) -> None:
+    if LoggingOptions.from_config(config).tensorboard:
+        from .tensorboard import summary_writer_class
+
+        summary_writer_class()  # a missing package is one line, before the disk is touched
 
 
 def _run(experiment, setup, config, store, state, quiet, coordinator, payload=None):
@@ -213,6 +222,14 @@ def _run(experiment, setup, config, store, state, quiet, coordinator, payload=No
                         positions=None if payload is None else payload["positions"])
     if payload is not None:
         dynamics.load_state_dict(payload["dynamics"])
+    live_tb = None
+    if store is not None and trainer.logging.tensorboard:
+        from .tensorboard import LiveWriter
+
+        # After open_logs cut the logs back to the checkpoint: the stream is rebuilt from
+        # the rows it kept, so no step is written twice.
+        live_tb = LiveWriter.open(store.path, problem.degree, resumed=payload is not None)
+        trainer.callbacks.append(live_tb)
     progress = Progress(trainer.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
     try:
         state = trainer.train(state, progress)
@@ -226,6 +243,8 @@ def _run(experiment, setup, config, store, state, quiet, coordinator, payload=No
     summary.update(experiment.finish(setup, state, store, config))
     if store is not None:
         finish_store(store, setup, state, summary)
+    if live_tb is not None:
+        live_tb.finish(summary)
     return summary, state, setup
 
 

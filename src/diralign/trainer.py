@@ -61,6 +61,7 @@ class LoggingOptions(Options):
     store_directions_max_params: int = option(2_000_000, "keep W/||W|| at log points (angle to final) if P <= this")
     checkpoint_every_seconds: float = option(30.0, "checkpoint at least this often (seconds of training)")
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: time-based only)")
+    tensorboard: bool = option(False, "also write TensorBoard events into DIR/tensorboard/ as the run goes")
 
     def validate(self) -> None:
         if not (self.log_every_ln >= 0 and math.isfinite(self.log_every_ln)):

@@ -66,14 +66,12 @@ ORDER = ("h-alexnet", "srelu", "fig1", "deep-linear", "relu", "counterexample")
 
 
 def default_integrator() -> str:
-    """CVODE (stiff-aware BDF) when this build has it: the late-phase flow is stiff, and it
+    """CVODE (stiff-aware BDF, a required dependency): the late-phase flow is stiff, and it
     reaches ln(n/L) = 1e4 in a few thousand gradients where dopri5 needs ~100 per unit of s."""
-    from .dynamics import FLOW_INTEGRATORS
-
-    return "cvode" if "cvode" in FLOW_INTEGRATORS else "dopri5"
+    return "cvode"
 
 
-def _run_case(name: str, setting, workdir: str, integrator: str = "dopri5") -> list[dict]:
+def _run_case(name: str, setting, workdir: str, integrator: str) -> list[dict]:
     """One case in a worker process (one torch thread each: the cases run side by side)."""
     import torch
 

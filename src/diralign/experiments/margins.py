@@ -119,9 +119,6 @@ class MarginsExperiment(Experiment):
     description = "per-example margin trajectories of image classifiers (paper Fig. 2/3)"
 
     def setup(self, config, dtype, device) -> Setup:
-        # Checked here, before the run directory is written (dynamics are built later).
-        if config.batch_size < 1 or config.accept_window < 1:
-            raise UserError(f"batch_size and accept_window must be >= 1 (got {config.batch_size}, {config.accept_window})")
         data = load_images(
             config.data,
             data_root=config.data_root,

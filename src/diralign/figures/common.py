@@ -39,6 +39,68 @@ def save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+# The instrument panel's curves against ln(n/L): name -> (title, y scale).  ``diralign
+# plot`` draws one run per panel, ``diralign compare`` overlays several (one code path).
+ONE_MINUS_COS = "one_minus_cos"  # 1 - alignment_cos, for a log axis
+ANGLE_TO_FINAL = "angle_to_final"
+CURVES = {
+    schema.MIN_NORMALIZED_MARGIN: ("min normalised margin $\\gamma$", "linear"),
+    schema.ALIGNMENT_COS: ("alignment $\\cos(W, -\\nabla L)$", "linear"),
+    ONE_MINUS_COS: ("$1 - \\cos(W, -\\nabla L)$", "log"),
+    schema.PATH_LENGTH: ("directional path length $\\zeta$", "linear"),
+    schema.NORMALIZED_SMOOTHED_MARGIN: ("normalised smoothed margin $\\tilde\\alpha$", "linear"),
+    ANGLE_TO_FINAL: ("angle to final direction (rad)", "log"),
+}
+
+
+def _positive(values) -> np.ndarray:
+    # Log axes: an exact 0 (the final direction's angle to itself) is a gap, not a cliff.
+    values = np.asarray(values, dtype=float)
+    return np.where(values > 0, values, np.nan)
+
+
+def curve(run, name: str):
+    """``(x, y)`` of curve ``name`` (a ``CURVES`` key) for a run, x = ``ln(n/L)``; None if absent."""
+    run = as_run(run)
+    x = run.ln_n_over_L
+    if name == ANGLE_TO_FINAL:
+        angles = run.angle_to_final  # written when the run finishes
+        if angles is None:
+            return None
+        m = min(len(angles), len(x))
+        return x[:m], _positive(angles[:m])
+    if name == ONE_MINUS_COS:
+        y = _positive(1.0 - run.column(schema.ALIGNMENT_COS))
+    else:
+        y = run.column(name)
+    if not np.isfinite(y).any():
+        return None
+    return x, y
+
+
+def style_axis(ax, name: str) -> None:
+    title, yscale = CURVES[name]
+    ax.set_title(title)
+    ax.set_xlabel("$\\ln(n/L)$")
+    ax.set_yscale(yscale)
+    ax.set_xscale("symlog", linthresh=10.0)
+    xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.get_lines()]
+    xs = np.concatenate(xs) if xs else np.zeros(0)
+    xs = xs[np.isfinite(xs)]
+    if xs.size and xs.max() > xs.min():  # autoscale pads symlog axes into negative ln(n/L)
+        ax.set_xlim(xs.min(), xs.max())
+    ax.grid(alpha=0.3)
+
+
+def draw_curve(ax, run, name: str, **line) -> bool:
+    """Curve ``name`` of one run on ``ax`` (matplotlib ``line`` keywords); False if absent."""
+    data = curve(run, name)
+    if data is None:
+        return False
+    ax.plot(*data, **{"lw": 1.5, **line})
+    return True
+
+
 def plot_curves(run, out_dir=None) -> list[Path]:
     plt = _pyplot()
     run = as_run(run)
@@ -46,26 +108,11 @@ def plot_curves(run, out_dir=None) -> list[Path]:
     log = run.log
     x = run.ln_n_over_L
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = [
-        (schema.MIN_NORMALIZED_MARGIN, "min normalised margin $\\gamma$"),
-        (schema.ALIGNMENT_COS, "alignment $\\cos(W, -\\nabla L)$"),
-        (schema.PATH_LENGTH, "directional path length $\\zeta$"),
-        (schema.NORMALIZED_SMOOTHED_MARGIN, "normalised smoothed margin $\\tilde\\alpha$"),
-    ]
-    for ax, (col, title) in zip(axes.flat, panels):
-        if col in log and np.isfinite(log[col]).any():
-            ax.plot(x, log[col], lw=1.5)
-        ax.set_title(title)
-        ax.set_xlabel("$\\ln(n/L)$")
-        ax.grid(alpha=0.3)
-    ax = axes.flat[4]
-    angles = run.angle_to_final
-    if angles is not None:
-        m = min(len(angles), len(x))
-        ax.semilogy(x[:m], np.maximum(angles[:m], 1e-16))
-    ax.set_title("angle to final direction (rad)")
-    ax.set_xlabel("$\\ln(n/L)$")
-    ax.grid(alpha=0.3)
+    panels = [schema.MIN_NORMALIZED_MARGIN, schema.ALIGNMENT_COS, schema.PATH_LENGTH,
+              schema.NORMALIZED_SMOOTHED_MARGIN, ANGLE_TO_FINAL]
+    for ax, name in zip(axes.flat, panels):
+        draw_curve(ax, run, name)
+        style_axis(ax, name)
     ax = axes.flat[5]
     shares = schema.block_columns(log.columns)
     for col in shares[:12]:
@@ -75,8 +122,7 @@ def plot_curves(run, out_dir=None) -> list[Path]:
     ax.set_title("per-layer norm share $\\|U_j\\|^2/\\|W\\|^2$")
     ax.set_xlabel("$\\ln(n/L)$")
     ax.grid(alpha=0.3)
-    for ax in axes.flat:
-        ax.set_xscale("symlog", linthresh=10.0)
+    ax.set_xscale("symlog", linthresh=10.0)
     fig.tight_layout()
     paths = save(fig, out_dir, "curves")
     plt.close(fig)

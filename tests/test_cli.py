@@ -168,6 +168,7 @@ def _compare_runs(a, b):
     np.testing.assert_array_equal(np.asarray(ma), np.asarray(mb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamics", ["flow", "gd"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, dynamics):
     # Long enough (several seconds of training) that the kill lands mid-run on fast machines.
@@ -198,6 +199,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, dynamics):
     _compare_runs(reference, killed)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_resumes(tmp_path):
     args = ["--set", "target_ln_n_over_L=150", "--set", "threads=1", "--quiet", "--no-plot"]
     out = tmp_path / "run"

@@ -53,6 +53,7 @@ def direction_gap(a, b):
 
 # Measured gaps at the default rtol 1e-6: 1.0e-6 (deep linear), 4.4e-6 (squared ReLU, in the
 # transient where the activation pattern still changes thousands of times per unit of s).
+@pytest.mark.slow
 @pytest.mark.parametrize("case, target, tol", [("deep-linear", 30.0, 5e-6), ("squared-relu-200", 6.0, 2e-5)])
 def test_direction_matches_tight_dopri5_at_matched_s(case, target, tol):
     problem, w0 = deep_linear() if case == "deep-linear" else squared_relu()
