@@ -111,26 +111,33 @@ def main(argv=None) -> int:
 
     fns.update({"forward no_grad": no_grad, "forward inference_mode": inference})
     times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
     load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for name, fn in fns.items():
             if problem.device.type == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             if problem.device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
+            cpu_times[name].append(time.process_time() - c)
         load.append(os.getloadavg()[0])
-    base = statistics.median(times["leaves"])
-    fwd = statistics.median(times["forward no_grad"])
+    # With one thread, CPU time is what the call would take on an idle core: on a shared
+    # machine it is the steadier clock (wall time includes the other jobs' turns).
+    clock = cpu_times if torch.get_num_threads() == 1 and problem.device.type == "cpu" else times
+    base = statistics.median(clock["leaves"])
+    fwd = statistics.median(clock["forward no_grad"])
     rows = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rel = med / (fwd if name.startswith("forward") else base)
-        rows[name] = {"median_seconds": med, "min_seconds": min(ts), "relative": rel, "gradient_difference": differences.get(name)}
+    for name in fns:
+        med, cmed = statistics.median(times[name]), statistics.median(cpu_times[name])
+        rel = statistics.median(clock[name]) / (fwd if name.startswith("forward") else base)
+        rows[name] = {"median_seconds": med, "min_seconds": min(times[name]), "median_cpu_seconds": cmed, "relative": rel,
+                      "gradient_difference": differences.get(name)}
         diff = f"  grad differs from leaves by {differences[name]:.1e}" if name in differences else ""
-        print(f"{args.model:>12} {name:<24} median {med:7.3f} s  min {min(ts):7.3f} s  x{rel:.3f}{diff}", flush=True)
+        print(f"{args.model:>12} {name:<24} wall {med:7.3f} s  cpu {cmed:7.3f} s  x{rel:.3f}{diff}", flush=True)
+    print(f"ratios ('x') from {'CPU' if clock is cpu_times else 'wall'} time")
     if compile_seconds is not None:
         print(f"{args.model:>12} torch.compile took {compile_seconds:.1f} s (first call)")
     print(f"threads {torch.get_num_threads()}, load average {min(load):.1f}-{max(load):.1f}")
