@@ -101,6 +101,12 @@ def _print_summary(summary: dict, out) -> None:
     print(f"{out}: " + " ".join(parts), flush=True)
 
 
+def _print_stop(summary: dict) -> None:
+    """A run that ended on a stall says why, even with --quiet (its numbers are not converged)."""
+    if summary.get("stop_message"):
+        print(f"diralign: stopped ({summary.get('stop_reason')}): {summary['stop_message']}", file=sys.stderr, flush=True)
+
+
 def _plot(out, quiet: bool) -> None:
     from .figures import plot_run
 
@@ -178,7 +184,9 @@ def dispatch(args) -> int:
         for path in export_many(args.dir, args.tensorboard, force=args.force):
             print(path)
         return 0
-    out = (args.out or "DIR") if args.command == "run" else args.dir
+    if args.command == "run" and not args.out:
+        args.out = _default_out(args.experiment)
+    out = args.out if args.command == "run" else args.dir
     try:
         out, summary, coordinator = _run(args) if args.command == "run" else _resume(args)
     except Interrupted as exc:
@@ -188,21 +196,52 @@ def dispatch(args) -> int:
     if coordinator is None or coordinator.is_writer:
         if not args.quiet:
             _print_summary(summary, out)
+        _print_stop(summary)
         if not args.no_plot:
             _plot(out, args.quiet)
     return 0
 
 
+def _terminate_as_interrupt(signum, frame):
+    # Until the trainer installs its own handler (and after it restores this one), SIGTERM
+    # unwinds like Ctrl-C: a half-built run directory is removed on the way out.
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    # Known before parsing: building the parser imports the experiments (and torch).
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
         return dispatch(_parser().parse_args(argv))
     except UserError as exc:
         print(f"diralign: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diralign: interrupted", file=sys.stderr)
+        if command in ("run", "resume"):
+            # Before training began (the trainer turns later signals into a checkpoint and
+            # Interrupted): nothing was written, or a half-built run was removed.
+            print("diralign: interrupted before training began; nothing on disk was changed", file=sys.stderr)
+        else:
+            print("diralign: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        from .rundir.disk import DISK_ERRNOS, reason
+
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"diralign: error: cannot access{where}: {reason(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -147,20 +147,20 @@ def config_from_dict(config_cls, data: dict):
                 raise UserError(f"config.json: {key} must be a list, got {value!r}; the run directory is damaged")
             value = tuple(value)
         kwargs[key] = value
+    # Types first: validation compares and computes with the values, and a string where a
+    # number belongs would be a TypeError there instead of a line naming the key.
+    _check_types(kwargs, hints)
     try:
         config = config_cls(**kwargs)
     except TypeError as exc:
         raise UserError(f"config.json does not fit this experiment ({exc}); the run directory is damaged") from None
-    _check_types(config, hints)
     return config
 
 
-def _check_types(config, hints) -> None:
+def _check_types(values: dict, hints) -> None:
     """Values read back from JSON must have the declared types (a hand-edited file may not)."""
-    values = dataclasses.asdict(config)
-    for f in dataclasses.fields(config):
-        value = values[f.name]
-        annotation = hints[f.name]
+    for name, value in values.items():
+        annotation = hints[name]
         allowed: tuple = ()
         origin = typing.get_origin(annotation)
         if origin in (typing.Union, types.UnionType):
@@ -170,12 +170,19 @@ def _check_types(config, hints) -> None:
             origin = typing.get_origin(annotation)
         if origin in (tuple, list):
             allowed = (tuple,)
+            inner = (typing.get_args(annotation) or (str,))[0]
+            if isinstance(value, tuple) and inner in (int, float, str):
+                ok = (float, int) if inner is float else (inner,)
+                bad = [v for v in value if not isinstance(v, ok) or isinstance(v, bool)]
+                if bad:
+                    raise UserError(f"config.json: {name} holds {bad[0]!r}, not a {_type_name(inner)}; "
+                                    "the run directory is damaged")
         elif annotation is float:
             allowed = (float, int)
         elif annotation in (int, str, bool):
             allowed = (annotation,)
         if allowed and (not isinstance(value, allowed) or (annotation in (int, float) and isinstance(value, bool))):
-            raise UserError(f"config.json: {f.name} = {value!r} is not a {_type_name(hints[f.name])}; the run directory is damaged")
+            raise UserError(f"config.json: {name} = {value!r} is not a {_type_name(hints[name])}; the run directory is damaged")
 
 
 def describe(config_cls, experiment: str) -> list[dict]:

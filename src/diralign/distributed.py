@@ -8,29 +8,36 @@ Backends: gloo when ``device=cpu``, NCCL when ``device=cuda`` (rank r on ``cuda:
 torchrun supplies the rendezvous (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...); nothing here
 speaks a protocol of its own.
 
-**Sharding.** After the experiment's ``setup`` has built the full data (identically on
-every rank: checked by hash), rank ``r`` of ``W`` keeps the contiguous block of examples
-``[r*n//W, (r+1)*n//W)``; the others are dropped from its :class:`~diralign.problem.Problem`.
-Contiguous blocks make the gathered margins come back in the original example order.
+**Pieces and sharding.** A run evaluates its data in ``pieces`` contiguous blocks
+``[p*n//P, (p+1)*n//P)``, fixed when it starts (``pieces=0``: one per process of the
+launch that starts it; config.json records the number).  After the experiment's ``setup``
+has built the full data (identically on every rank: checked by hash), rank ``r`` of ``W``
+keeps the contiguous run of pieces ``[r*P//W, (r+1)*P//W)`` (one each when ``W = P``,
+several when a run resumes on fewer processes, none on a rank beyond ``P``) and drops the
+other examples from its :class:`~diralign.problem.Problem`.  Contiguous blocks make the
+gathered margins come back in the original example order.
 
-**Reduction (exact).** Each rank evaluates ``log L_r`` and ``grad log L_r`` on its shard.
-Because the risk is a sum over examples, ``L = sum_r L_r`` and ``grad L = sum_r grad L_r``;
-dividing by ``L`` gives ``log L = logsumexp_r log L_r`` and
-``grad log L = sum_r exp(log L_r - log L) grad log L_r``.  No approximation is made: the
-weights ``exp(log L_r - log L)`` lie in ``(0, 1]`` and sum to one, so nothing overflows
-and ``L`` itself (far below the smallest float64 late in training) is never formed.  This
-is the same combination :func:`~diralign.problem.combine_log_space` applies to chunks.
+**Reduction (exact).** Each rank evaluates ``log L_p`` and ``grad log L_p`` on each piece
+it holds.  Because the risk is a sum over examples, ``L = sum_p L_p`` and
+``grad L = sum_p grad L_p``; dividing by ``L`` gives ``log L = logsumexp_p log L_p`` and
+``grad log L = sum_p exp(log L_p - log L) grad log L_p``.  No approximation is made: the
+weights ``exp(log L_p - log L)`` lie in ``(0, 1]`` and sum to one, so nothing overflows
+and ``L`` itself (far below the smallest float64 late in training) is never formed.  The
+flow's exact Hessian-vector products combine the same way
+(:meth:`~diralign.problem.Problem.curvature`: one gather of the pieces' gradients per
+Jacobian, one of their ``H_p v`` per product).
 
-**Determinism.** The per-rank ``[log L_r, correct_r, grad log L_r]`` are *all-gathered*
-(not all-reduced) in float64 and combined on every rank in rank order by
+**Determinism.** The rows ``[log L_p, correct_p, grad log L_p]`` of all pieces are
+*all-gathered* (not all-reduced) in float64 and combined on every rank in piece order by
 ``combine_log_space``: every rank executes the same floating-point operations on the same
 bytes, so all ranks hold bit-identical ``log L``, gradients and therefore parameters and
-step-size decisions.  A ``W``-rank float64 run is bit-identical to a single-process run
-with ``chunk_size = n/W`` (``n`` divisible by ``W``).  What remains: against a run
-*without* chunks the summation order differs, so results agree to rounding (~1e-16 per
-evaluation); an error-controlled integrator can then, rarely, flip an accept/reject
-decision that sat on the edge, after which the paths differ by the integrator's tolerance.
-The price of all-gather over all-reduce is ``W`` gradient copies per rank per evaluation.
+step-size decisions; and since the pieces are the run's, not the launch's, a run gives the
+same bits on any number of processes: a ``W``-rank run equals a single-process run with
+``pieces = W``, and a resume on another number of processes continues it exactly.  Against
+a run in *one* piece the summation order differs, so results agree to rounding (measured,
+deep-linear to ``ln(n/L) = 1000``: gd, sgd, loss-based and dopri5 to 2e-12; CVODE, whose
+Newton and GMRES iterations amplify last bits, to 1.5e-7 at rtol 1e-6).  The price of
+all-gather over all-reduce is ``P`` gradient copies per rank per evaluation.
 
 **Margins.** Between log points each rank keeps only its shard's margins; the count of
 correctly classified examples is in the same gather (one collective per evaluation).  At
@@ -38,7 +45,11 @@ log points, checkpoints and the end, all ``n`` margins are gathered onto every r
 callbacks see the same row everywhere; rank 0 writes them).
 
 **Decisions.** Stopping, checkpoint timing and signals are taken from rank 0's clock and
-any rank's signal (:meth:`DataParallel.agree`, one tiny collective per step).  At every
+any rank's signal or stall verdict (:meth:`DataParallel.agree`, one tiny collective per
+step).  Inside a step every all-gather carries each rank's reason to abandon the step (a
+signal, its time budget, a stall), and if any rank has one all raise the same
+``StepAborted`` after the same gather: long steps stop within one evaluation, as in a
+single process.  At every
 checkpoint the parameter hash of each rank is compared; a mismatch is an error.
 
 **Failure.** Every collective has a timeout (``distributed_timeout_seconds``); if a rank
@@ -54,13 +65,15 @@ import dataclasses
 import hashlib
 import os
 import re
+import sys
 from datetime import timedelta
 from typing import Optional
 
 import torch
 
+from .dynamics import StepAborted
 from .errors import UserError
-from .problem import Evaluation, combine_log_space
+from .problem import Evaluation, piece_bounds
 from .runtime import RuntimeOptions
 from .trainer import Coordinator
 
@@ -102,9 +115,9 @@ def coordinator_for(command: str, wanted: bool, device: str, run_dir: Optional[s
 class DataParallel(Coordinator):
     """The distributed coordinator of one rank; see the module docstring for the design."""
 
-    # A signal or budget inside a step would stop one rank at one evaluation and the others
-    # at another; ranks stop between steps only (agree()).
-    aborts_inside_steps = False
+    # Codes of the reasons to abandon a step, exchanged at every all-gather inside a step:
+    # the largest any rank sent wins, on every rank alike.
+    ABORTS = (None, "stalled", "max_wall_seconds", "signal")
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: str = "cpu"):
         self.rank = rank
@@ -118,6 +131,7 @@ class DataParallel(Coordinator):
         self.bounds: list[tuple[int, int]] = []
         self._sizes: list[int] = []
         self._max_size = 0
+        self._abort = None  # inside a step: the trainer's wanted(), asked at each all-gather
         if device.startswith("cuda") and torch.cuda.is_available() and local_rank < torch.cuda.device_count():
             # Before the experiment builds its tensors, so that device=cuda means this rank's GPU.
             torch.cuda.set_device(local_rank)
@@ -159,23 +173,35 @@ class DataParallel(Coordinator):
                 raise DistributedError(f"rank {self.rank}: could not join the process group ({_first_line(exc)}); launch with torchrun") from None
             atexit.register(self.close)
         n = problem.X.shape[0]
-        if n < self.world_size:
-            raise UserError(f"{n} examples cannot be split over {self.world_size} ranks; use fewer processes")
+        count = int(config.pieces) or self.world_size
+        if n < count:
+            raise UserError(f"{n} examples cannot be split into {count} pieces (one per process); use fewer processes")
         self._check_same(
             [_digest(problem.X), _digest(problem.y), _digest(setup.w0)],
             "data and initial parameters (different seeds, files or library versions on the ranks?)",
         )
-        self.bounds = [(r * n // self.world_size, (r + 1) * n // self.world_size) for r in range(self.world_size)]
+        # Rank r holds the contiguous run of pieces [r*P//W, (r+1)*P//W): all of them when the
+        # run started on W processes (P = W), several each when it resumes on fewer.
+        everything = piece_bounds(n, count)
+        runs = [everything[r * count // self.world_size : (r + 1) * count // self.world_size] for r in range(self.world_size)]
+        edges = [0]
+        for held in runs:
+            edges.append(held[-1][1] if held else edges[-1])
+        self.bounds = list(zip(edges[:-1], edges[1:]))
         self._sizes = [b - a for a, b in self.bounds]
         self._max_size = max(self._sizes)
-        start, stop = self.bounds[self.rank]
-        self.problem = problem.sharded(start, stop, self.reduce)
+        self.problem = problem.sharded(runs[self.rank], self._evaluation_gather, [len(held) for held in runs])
+        if count < self.world_size and self.rank == 0:
+            print(f"diralign: note: this run evaluates its data in {count} pieces (fixed when it started, so that its "
+                  f"results do not depend on the process count); {self.world_size - count} of {self.world_size} "
+                  "processes hold none", file=sys.stderr, flush=True)
         setup = dataclasses.replace(setup, problem=self.problem)
         setup.info["distributed"] = {
             "world_size": self.world_size,
             "backend": self.backend,
-            "sharding": "contiguous blocks [r*n//W, (r+1)*n//W)",
-            "reduction": "all_gather float64, log-space combine in rank order",
+            "pieces": count,
+            "sharding": "contiguous pieces [p*n//P, (p+1)*n//P); rank r holds pieces [r*P//W, (r+1)*P//W)",
+            "reduction": "all_gather float64, log-space combine in piece order",
         }
         return setup
 
@@ -205,26 +231,34 @@ class DataParallel(Coordinator):
             ) from None
         return out
 
+    def _evaluation_gather(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """The problem's all-gather.  Inside a step each rank adds why it wants to abandon the
+        step (a signal, its budget, a stall; 0: it does not); if any rank does, every rank
+        raises the same :class:`StepAborted` after the same gather, so that all leave the step
+        at the same evaluation and branch alike (a signal to one rank stops them all)."""
+        if self._abort is None:
+            return self._all_gather(tensor, what)
+        code = float(self.ABORTS.index(self._abort()))
+        flagged = torch.cat([tensor.reshape(-1).to(torch.float64), tensor.new_tensor([code], dtype=torch.float64)])
+        rows = self._all_gather(flagged, what)
+        worst = int(rows[:, -1].max().item())
+        if worst:
+            raise StepAborted(self.ABORTS[worst])
+        return rows[:, :-1].reshape(self.world_size, *tensor.shape)
+
+    def begin_step(self, dynamics, wanted) -> None:
+        dynamics.abort_requested = None  # asked at the all-gathers instead (see _evaluation_gather)
+        self._abort = wanted
+
+    def end_step(self, dynamics) -> None:
+        self._abort = None
+
     def _check_same(self, digests: list[bytes], what: str) -> None:
         mine = torch.tensor(list(b"".join(digests)), dtype=torch.float64)
         everyone = self._all_gather(mine, f"comparing {what}")
         differ = [r for r in range(self.world_size) if not torch.equal(everyone[r].cpu(), everyone[0].cpu())]
         if differ:
             raise DistributedError(f"ranks {differ} differ from rank 0 in {what}; the ranks must not drift apart")
-
-    def reduce(self, log_risk, grad, margins):
-        """Problem reducer: global ``log L``, ``grad log L`` and correct count; local margins."""
-        log_risk = torch.as_tensor(log_risk, dtype=torch.float64, device=margins.device).reshape(1)
-        header = torch.cat([log_risk, (margins > 0).sum().to(torch.float64).reshape(1)])
-        packed = header if grad is None else torch.cat([header, grad.to(torch.float64)])
-        rows = self._all_gather(packed, "the gradient all-gather")
-        empty = rows.new_zeros(0)
-        pieces = [(row[0], None if grad is None else row[2:], empty) for row in rows]
-        total, reduced, _ = combine_log_space(pieces)
-        correct = int(rows[:, 1].sum().item())
-        if reduced is not None:
-            reduced = reduced.to(device=grad.device, dtype=grad.dtype)
-        return total.to(margins.device), reduced, margins, correct
 
     def complete(self, ev: Evaluation) -> Evaluation:
         """The same evaluation with all ``n`` margins, in example order, on every rank."""
@@ -241,11 +275,12 @@ class DataParallel(Coordinator):
         state.ev = self.complete(state.ev)
         self._check_same([_digest(state.w), _digest(state.ev.margins)], f"parameters at step {state.steps}")
 
-    def agree(self, wall: float, due: bool, stop: bool) -> tuple[float, bool, bool]:
-        """Rank 0's wall clock and checkpoint decision; stop if any rank was signalled."""
-        mine = torch.tensor([wall, float(due), float(stop)], dtype=torch.float64)
+    def agree(self, wall: float, due: bool, stop: bool, stalled: bool = False) -> tuple[float, bool, bool, bool]:
+        """Rank 0's wall clock and checkpoint decision; stop if any rank was signalled, and
+        stalled if any rank's stall goal says so."""
+        mine = torch.tensor([wall, float(due), float(stop), float(stalled)], dtype=torch.float64)
         rows = self._all_gather(mine, "agreeing on the next step").cpu()
-        return float(rows[0, 0]), bool(rows[0, 1] > 0), bool((rows[:, 2] > 0).any())
+        return float(rows[0, 0]), bool(rows[0, 1] > 0), bool((rows[:, 2] > 0).any()), bool((rows[:, 3] > 0).any())
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -21,9 +23,11 @@ from .errors import UserError
 from .experiments import Experiment, get_experiment
 from .models.homogeneity import homogeneity_degree
 from .models.structure import nonsmooth_operations
-from .rundir import Run, RunWriter, schema
-from .runtime import RuntimeOptions, apply_runtime_settings, resolve_dtype_device
-from .trainer import Coordinator, GoalOptions, LoggingOptions, Trainer, TrainState, initial_state
+from .rundir import Run, RunWriter, load_checkpoint_file, schema
+from .rundir.integrity import config_checksum, new_run_id, tensor_sha256
+from .runtime import ProblemOptions, RuntimeOptions, apply_runtime_settings, resolve_dtype_device
+from .separability import check_separable
+from .trainer import Coordinator, GoalOptions, Interrupted, LoggingOptions, Trainer, TrainState, initial_state
 
 
 def assumption_report(setup, config) -> dict:
@@ -128,18 +132,57 @@ def _experiment(spec) -> Experiment:
     return spec if isinstance(spec, Experiment) else get_experiment(spec)
 
 
+def resolve_pieces(config, coordinator: Coordinator):
+    """``pieces = 0`` means one per process of the launch that starts the run; a run's
+    config.json records the number, so that its resumes use the same arithmetic."""
+    if ProblemOptions.from_config(config).pieces:
+        return config
+    return dataclasses.replace(config, pieces=coordinator.world_size)
+
+
 def build(experiment, config, coordinator: Coordinator):
+    return build_identified(experiment, config, coordinator)[0]
+
+
+def build_identified(experiment, config, coordinator: Coordinator):
+    """The setup as this process trains it, and the identity of the full problem: sha256 of
+    the data and (where the config alone makes them) the initial weights, before sharding."""
     runtime = RuntimeOptions.from_config(config)
     dtype, device = resolve_dtype_device(runtime)
     apply_runtime_settings(runtime)
     setup = experiment.setup(config, dtype, device)
+    check_separable(setup.problem)  # all n examples, on every process alike
     problem = setup.problem
+    identity = {
+        schema.META_DATA_SHA256: tensor_sha256(problem.X, problem.y),
+        schema.META_INITIAL_WEIGHTS_SHA256: tensor_sha256(setup.w0) if experiment.initial_weights_reproducible(config) else None,
+    }
     if runtime.threads == 0 and problem.device.type == "cpu" and problem.dim * problem.X.shape[0] < 2_000_000:
         # Tiny problems (deep linear, small nets): one gradient costs tens of
         # microseconds, less than waking a second BLAS/OpenMP thread; and on a shared
         # machine spinning threads make every evaluation wait on the slowest core.
         torch.set_num_threads(1)
-    return coordinator.prepare(setup, config)
+    return coordinator.prepare(setup, config), identity
+
+
+def sealed_meta(experiment, config, meta: dict) -> dict:
+    """config.json as it will be written, checksummed, after checking that it reads back as
+    this very config: a value JSON cannot hold (inf, 1e400) is refused here, before
+    anything on disk is touched, instead of being written as ``null`` or crashing later."""
+    try:
+        plain = schema.json_safe(meta, strict=True)
+    except ValueError as exc:
+        where, value = exc.args
+        where = where.removeprefix(f"{schema.META_CONFIG}.")
+        raise UserError(f"--set {where}={value!r} cannot be stored in {schema.CONFIG} (JSON has no inf or NaN); "
+                        "use a finite number") from None
+    again = config_to_dict(config_from_dict(type(config), json.loads(json.dumps(plain))[schema.META_CONFIG]))
+    changed = [k for k, v in config_to_dict(config).items() if again.get(k) != v]
+    if changed:
+        raise UserError(f"--set {changed[0]}={config_to_dict(config)[changed[0]]!r} would read back from "
+                        f"{schema.CONFIG} as {again.get(changed[0])!r}; choose a value JSON can hold")
+    plain[schema.META_CHECKSUM] = config_checksum(plain, schema.META_CHECKSUM)
+    return plain
 
 
 def start_run(experiment, config, out, force: bool = False, quiet: bool = False, coordinator: Optional[Coordinator] = None):
@@ -151,11 +194,12 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
     if isinstance(config, (list, tuple)):
         config = apply_overrides(experiment.default_config(), list(config))
     coordinator = coordinator or Coordinator()
+    config = resolve_pieces(config, coordinator)
     if coordinator.is_writer:
         RunWriter.check_target(out, force=force)
     # Build everything before touching the disk: a bad setting must not leave a half-made
     # run directory, nor delete the run that --force would replace.
-    setup = build(experiment, config, coordinator)
+    setup, identity = build_identified(experiment, config, coordinator)
     _check_tensorboard(config)
     meta = {
         schema.META_EXPERIMENT: experiment.name,
@@ -165,42 +209,84 @@ def start_run(experiment, config, out, force: bool = False, quiet: bool = False,
         schema.META_PARAMETERS: setup.problem.dim,
         schema.META_VERSIONS: versions(),
         schema.META_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        schema.META_RUN_ID: new_run_id(),
+        **identity,
     }
+    meta = sealed_meta(experiment, config, meta)
     state = initial_state(setup.problem, setup.w0)
+    check_target_above_start(config, setup.problem, state.ev)
     setup.extras["initial_evaluation"] = state.ev
     report = assumption_report(setup, config)
     store = None
     if coordinator.is_writer:
+        # Built beside `out` and moved into place by _run once its first checkpoint is written.
         store = RunWriter.create(out, force=force, experiment=experiment.name)
-        store.write_json(schema.CONFIG, meta)
-        store.write_json(schema.ASSUMPTIONS, report)
+        try:
+            store.run_id = meta[schema.META_RUN_ID]
+            store.write_json(schema.CONFIG, meta, strict=True)
+            store.write_json(schema.ASSUMPTIONS, report)
+        except BaseException:
+            store.abandon()
+            raise
         if not quiet:
             print(format_assumptions(report), flush=True)
     return _run(experiment, setup, config, store, state, quiet, coordinator)
 
 
+def check_target_above_start(config, problem, ev) -> None:
+    """A target at or below the starting ln(n/L) means nothing: the run would "finish"
+    after 0 steps.  Refused before the run directory is touched."""
+    target = GoalOptions.from_config(config).target_ln_n_over_L
+    start = math.log(problem.n) - ev.log_risk
+    if target is not None and not target > start:
+        raise UserError(
+            f"target_ln_n_over_L={target:g} is at or below where this run starts: ln(n/L) = {start:.6g} at the "
+            f"initial weights (risk falls from there); set a target above it, e.g. --set target_ln_n_over_L={_above(start):g}"
+        )
+
+
+def _above(start: float) -> float:
+    """A round target above ``start``: the next power of ten (at least 10)."""
+    return 10.0 ** max(1, math.ceil(math.log10(max(start, 1.0) * 1.01)))
+
+
 def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = None, experiment=None):
+    """Continue the run in ``path`` from its last checkpoint, after checking that every file
+    is this run's and whole: run id, checksums, data and initial weights, log lengths."""
     path = Path(path)
     coordinator = coordinator or Coordinator()
     run = Run(path)
+    recorded = run.identity()
     if experiment is not None and experiment.name != run.experiment:
         raise UserError(f"{path} is a {run.experiment!r} run, not {experiment.name!r}")
     experiment = experiment if experiment is not None else get_experiment(run.experiment)
-    store = RunWriter.open_existing(path, experiment.name)
-    payload = store.load_checkpoint()
-    if not isinstance(payload.get("state"), dict) or "w" not in payload["state"]:
-        raise UserError(f"{path / schema.CHECKPOINT} holds no training state; restore the run's own checkpoint")
-    config = config_from_dict(experiment.Config, run.config)
+    config = resolve_pieces(config_from_dict(experiment.Config, run.config), coordinator)
     _check_tensorboard(config)
-    setup = build(experiment, config, coordinator)
-    problem = setup.problem
-    if payload["state"]["w"].numel() != problem.dim:
-        raise UserError(f"{path / schema.CHECKPOINT} holds {payload['state']['w'].numel()} parameters but this run's model "
-                        f"has {problem.dim}; it belongs to another run")
-    state = TrainState.from_payload(payload["state"], problem.device, problem.dtype)
-    coordinator.adopt(state)
-    if not coordinator.is_writer:
-        store = None
+    # The one writer: refused while a run or another resume writes this directory.
+    store = RunWriter.open_existing(path, experiment.name) if coordinator.is_writer else None
+    try:
+        payload = load_checkpoint_file(path / schema.CHECKPOINT, run_id=recorded[schema.META_RUN_ID])
+        setup, identity = build_identified(experiment, config, coordinator)
+        for key, what in ((schema.META_DATA_SHA256, "data"), (schema.META_INITIAL_WEIGHTS_SHA256, "initial weights")):
+            if recorded.get(key) is not None and identity[key] is not None and identity[key] != recorded[key]:
+                raise UserError(
+                    f"the {what} rebuilt from {path / schema.CONFIG} differ from the run's (sha256 {identity[key][:12]}, "
+                    f"recorded {str(recorded[key])[:12]}): its data file or library versions changed, or the config "
+                    "was edited; restore them, or start a new run with diralign run"
+                )
+        problem = setup.problem
+        w = payload[schema.CKPT_STATE]["w"]
+        if w.numel() != setup.w0.numel():
+            raise UserError(f"{path / schema.CHECKPOINT} holds {w.numel()} parameters but this run's model "
+                            f"has {setup.w0.numel()}; it belongs to another run")
+        state = TrainState.from_payload(payload[schema.CKPT_STATE], problem.device, problem.dtype)
+        coordinator.adopt(state)
+    except BaseException:
+        if store is not None:
+            store.abandon()
+        raise
+    if store is not None:
+        store.run_id = recorded[schema.META_RUN_ID]
     return _run(experiment, setup, config, store, state, quiet, coordinator, payload=payload)
 
 
@@ -212,39 +298,61 @@ def _check_tensorboard(config) -> None:
 
 
 def _run(experiment, setup, config, store, state, quiet, coordinator, payload=None):
-    problem = setup.problem
-    dynamics = make_dynamics(problem, config)
-    trainer = Trainer(problem, dynamics, GoalOptions.from_config(config), LoggingOptions.from_config(config), store=store,
-                      callbacks=experiment.callbacks(setup, config), coordinator=coordinator)
-    if store is not None:
-        direction_dtype = "<f8" if problem.dtype == torch.float64 else "<f4"
-        store.open_logs(trainer.columns, problem.n, problem.dim if trainer.store_directions else 0, direction_dtype,
-                        positions=None if payload is None else payload["positions"])
-    if payload is not None:
-        dynamics.load_state_dict(payload["dynamics"])
-    live_tb = None
-    if store is not None and trainer.logging.tensorboard:
-        from .tensorboard import LiveWriter
-
-        # After open_logs cut the logs back to the checkpoint: the stream is rebuilt from
-        # the rows it kept, so no step is written twice.
-        live_tb = LiveWriter.open(store.path, problem.degree, resumed=payload is not None)
-        trainer.callbacks.append(live_tb)
-    progress = Progress(trainer.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
+    """Train and finish; ``store`` is released (its lock, or an unpublished directory) on every path."""
+    published = payload is not None
     try:
-        state = trainer.train(state, progress)
-    finally:
-        progress.close()
-        for cb in trainer.callbacks:
-            cb.close()
+        problem = setup.problem
+        dynamics = make_dynamics(problem, config)
+        trainer = Trainer(problem, dynamics, GoalOptions.from_config(config), LoggingOptions.from_config(config),
+                          store=store, callbacks=experiment.callbacks(setup, config), coordinator=coordinator)
         if store is not None:
-            store.close()
-    summary = summarize(experiment, setup, state, config, dynamics)
-    summary.update(experiment.finish(setup, state, store, config))
+            direction_dtype = "<f8" if problem.dtype == torch.float64 else "<f4"
+            store.open_logs(trainer.columns, problem.n, problem.dim if trainer.store_directions else 0, direction_dtype,
+                            positions=None if payload is None else payload[schema.CKPT_POSITIONS])
+        if payload is not None:
+            dynamics.load_state_dict(payload[schema.CKPT_DYNAMICS])
+        else:
+            # Step 0's checkpoint, before the run appears at --out: from then on a kill at
+            # any moment resumes to the same result as an uninterrupted run.
+            trainer.checkpoint(state)
+            if store is not None:
+                store.publish()
+            published = True
+        live_tb = None
+        if store is not None and trainer.logging.tensorboard:
+            from .tensorboard import LiveWriter
+
+            # After open_logs cut the logs back to the checkpoint (and after the new run is in
+            # place): the stream is rebuilt from the rows it kept, so no step is written twice.
+            live_tb = LiveWriter.open(store.path, problem.degree, resumed=payload is not None)
+            trainer.callbacks.append(live_tb)
+        progress = Progress(trainer.target, quiet or store is None, start=math.log(problem.n) - state.ev.log_risk)
+        try:
+            state = trainer.train(state, progress)
+        finally:
+            progress.close()
+            for cb in trainer.callbacks:
+                cb.close()
+        if store is not None:
+            store.close_logs()
+        summary = summarize(experiment, setup, state, config, dynamics)
+        summary.update(experiment.finish(setup, state, store, config))
+        if store is not None:
+            finish_store(store, setup, state, summary)
+        if live_tb is not None:
+            live_tb.finish(summary)
+    except KeyboardInterrupt:
+        if store is not None:
+            store.abandon()
+        if published:  # the run has a checkpoint to continue from (Ctrl-C outside the training loop)
+            raise Interrupted("SIGINT") from None
+        raise
+    except BaseException:
+        if store is not None:
+            store.abandon()
+        raise
     if store is not None:
-        finish_store(store, setup, state, summary)
-    if live_tb is not None:
-        live_tb.finish(summary)
+        store.close()
     return summary, state, setup
 
 
@@ -268,6 +376,7 @@ def summarize(experiment, setup, state, config, dynamics) -> dict:
         "dynamics": describe_dynamics(config),
         "faithful_to_flow": bool(dynamics.faithful_to_flow),
         "stop_reason": state.stop_reason,
+        "stop_message": state.stop_message,
         "first_separable_step": state.first_separable_step,
         "first_separable_ln_n_over_L": state.first_separable_ln,
         "assumption_2_3_step": state.below_loss_at_zero_step,

@@ -45,11 +45,17 @@ class ProblemOptions(Options):
     SECTION = "problem"
     loss: str = option("logistic", "logistic, exp (binary) or cross-entropy (multi-class)")
     chunk_size: int = option(0, "examples per forward/backward chunk, for bounded memory (0: all at once)")
+    pieces: int = option(
+        0, "evaluate the data in this many contiguous pieces combined in order (the run's arithmetic, fixed when it "
+        "starts: 0 means one per process of that launch), so that any number of processes gives the same bits"
+    )
 
     def validate(self) -> None:
         canonical_loss(self.loss)  # aliases (exponential, log, ce) are accepted
         if self.chunk_size < 0:
             raise UserError(f"chunk_size must be >= 0 (0: all at once), got {self.chunk_size}")
+        if self.pieces < 0:
+            raise UserError(f"pieces must be >= 0 (0: one per process), got {self.pieces}")
 
 
 def resolve_dtype_device(options: RuntimeOptions) -> tuple[torch.dtype, torch.device]:

@@ -11,6 +11,7 @@ trains the NTK model of Fig. 1 and follows dynamics in the benchmarks (``store=N
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import time
@@ -27,6 +28,9 @@ from .losses import log_loss_at_zero
 from .options import Options, option
 from .problem import Evaluation, Problem
 from .rundir import schema
+from .runtime import ProblemOptions
+from .stall import StallWatch
+from .stall import fresh_state as stall_state
 
 
 class Interrupted(Exception):
@@ -42,6 +46,11 @@ class GoalOptions(Options):
     max_wall_seconds: Optional[float] = option(
         None, "wall-clock budget per invocation, honoured inside long steps (diralign resume gets as long again)"
     )
+    stall_seconds: float = option(
+        60.0, "stop (stop_reason stalled) when ln(n/L) stops rising over doubling windows of training time at least "
+        "this long (diralign.stall); 0: never"
+    )
+    stall_tolerance: float = option(1e-3, "a window's rise of ln(n/L) at most this times max(1, ln(n/L)) is no progress")
 
     def validate(self) -> None:
         target = self.target_ln_n_over_L
@@ -51,6 +60,10 @@ class GoalOptions(Options):
             raise UserError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.max_wall_seconds is not None and not (self.max_wall_seconds > 0 and math.isfinite(self.max_wall_seconds)):
             raise UserError(f"max_wall_seconds must be a positive number of seconds (or none), got {self.max_wall_seconds}")
+        if not (self.stall_seconds >= 0 and math.isfinite(self.stall_seconds)):
+            raise UserError(f"stall_seconds must be >= 0 seconds (0: never stop on a stall), got {self.stall_seconds}")
+        if not (self.stall_tolerance >= 0 and math.isfinite(self.stall_tolerance)):
+            raise UserError(f"stall_tolerance must be a finite number >= 0, got {self.stall_tolerance}")
 
 
 @dataclass
@@ -89,6 +102,8 @@ class TrainState:
     first_separable_ln: Optional[float] = None
     below_loss_at_zero_step: Optional[int] = None  # Assumption 2.3 first holds here
     stop_reason: Optional[str] = None
+    stop_message: Optional[str] = None  # why, in words, where the reason needs them (stalled)
+    stall: dict = field(default_factory=stall_state)  # the stall goal's windows (diralign.stall)
     milestones: dict = field(default_factory=dict)  # f"{m:g}" -> alignment cos measured at ln(n/L) = m
     callbacks: dict = field(default_factory=dict)
 
@@ -98,6 +113,8 @@ class TrainState:
             "w": self.w,
             "ev": {"log_risk": ev.log_risk, "grad": ev.grad, "margins": ev.margins, "correct": ev.correct},
             **{k: getattr(self, k) for k in _SCALAR_FIELDS},
+            "stop_message": self.stop_message,
+            "stall": dict(self.stall),
             "milestones": dict(self.milestones),
             "callbacks": self.callbacks,
         }
@@ -114,6 +131,8 @@ class TrainState:
         state = cls(w=payload["w"].to(device=device, dtype=dtype), ev=evaluation)
         for key in _SCALAR_FIELDS:
             setattr(state, key, payload[key])
+        state.stop_message = payload.get("stop_message")
+        state.stall = dict(payload.get("stall") or stall_state())
         state.milestones = dict(payload.get("milestones", {}))
         state.callbacks = payload.get("callbacks", {})
         return state
@@ -151,13 +170,18 @@ class Coordinator:
     implements the same methods with collectives, so the loop never asks which it has."""
 
     is_writer = True
-    # Whether a long step may be abandoned mid-way on a signal or budget: only where every
-    # process would abandon it at the same evaluation (a single process).
-    aborts_inside_steps = True
+    world_size = 1
 
     def prepare(self, setup, config):
-        """The experiment's setup as this process will train it (a shard of it, for data parallelism)."""
-        return setup
+        """The experiment's setup as this process will train it: in the run's pieces (a shard
+        of them, for data parallelism; ``pieces`` is resolved by the runner)."""
+        count = ProblemOptions.from_config(config).pieces or 1
+        if count == 1:
+            return setup
+        problem = setup.problem
+        if problem.X.shape[0] < count:
+            raise UserError(f"{problem.X.shape[0]} examples cannot be split into pieces={count}; use fewer pieces")
+        return dataclasses.replace(setup, problem=problem.split(count))
 
     def adopt(self, state: TrainState) -> None:
         """A resumed state: check it fits the problem (and is shared by every process)."""
@@ -166,9 +190,18 @@ class Coordinator:
         """The evaluation with all ``n`` margins (a shard's process gathers the others')."""
         return ev
 
-    def agree(self, wall: float, due: bool, stop: bool) -> tuple[float, bool, bool]:
-        """The shared wall clock, checkpoint decision and stop decision."""
-        return wall, due, stop
+    def agree(self, wall: float, due: bool, stop: bool, stalled: bool = False) -> tuple[float, bool, bool, bool]:
+        """The shared wall clock, checkpoint decision, stop decision (a signal) and stall verdict."""
+        return wall, due, stop, stalled
+
+    def begin_step(self, dynamics: Dynamics, wanted) -> None:
+        """A step begins: ``wanted()`` says why to abandon it (None: go on).  A single process
+        asks at each evaluation (``Dynamics.check_abort``); processes of a distributed run ask
+        at each all-gather, so that all abandon the step at the same evaluation."""
+        dynamics.abort_requested = wanted
+
+    def end_step(self, dynamics: Dynamics) -> None:
+        dynamics.abort_requested = None
 
     def check_in_sync(self, state: TrainState) -> None:
         """Before a checkpoint: the state is complete and identical on every process."""
@@ -208,7 +241,7 @@ class Trainer:
 
     def __init__(self, problem: Problem, dynamics: Dynamics, goals: GoalOptions, logging: LoggingOptions,
                  store=None, callbacks=(), coordinator: Optional[Coordinator] = None, instruments: bool = True,
-                 milestones=schema.ALIGNMENT_MILESTONES):
+                 milestones=schema.ALIGNMENT_MILESTONES, stall_goal: bool = True):
         self.problem = problem
         self.dynamics = dynamics
         self.goals = goals
@@ -217,6 +250,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.coordinator = coordinator or Coordinator()
         self.instruments = instruments  # False: no log rows at all (a benchmark's lean follower)
+        self.stall_goal = stall_goal  # False: no stall goal (a benchmark measures how far a dynamics gets)
         self.target = float(goals.target_ln_n_over_L)
         self.milestones = tuple(m for m in milestones if m <= self.target)
         spacing = float(logging.log_every_ln)
@@ -272,9 +306,9 @@ class Trainer:
         if self.store is None:
             return
         self.store.save_checkpoint({
-            "state": state.to_payload(),
-            "dynamics": self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
-            "positions": self.store.positions(),
+            schema.CKPT_STATE: state.to_payload(),
+            schema.CKPT_DYNAMICS: self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
+            schema.CKPT_POSITIONS: self.store.positions(),
         })
 
     def goal_reached(self, state: TrainState, s: float) -> Optional[str]:
@@ -325,15 +359,30 @@ class Trainer:
         wall_at_start = state.wall_seconds
         self.session_wall_start = wall_at_start
         last_checkpoint = start
-        state.stop_reason = None  # a resumed run's last reason no longer holds
+        state.stop_reason = state.stop_message = None  # a resumed run's last reason no longer holds
+        watch = StallWatch(self.goals.stall_seconds if self.stall_goal else 0.0, self.goals.stall_tolerance, state.stall, n)
         direction = direction_of = None  # W/||W|| and the W it belongs to (path length)
+
+        def clock() -> float:
+            return wall_at_start + (time.perf_counter() - start)
+
         with _SignalFlag() as flag:
-            if self.coordinator.aborts_inside_steps:
-                self.dynamics.abort_requested = lambda: flag.signum is not None or self._out_of_time(
-                    wall_at_start + (time.perf_counter() - start))
+
+            def wanted() -> Optional[str]:  # why to abandon the current step now, if at all
+                if flag.signum is not None:
+                    return "signal"
+                wall = clock()
+                if self._out_of_time(wall):
+                    return "max_wall_seconds"
+                return "stalled" if watch.stalled(wall) else None
+
+            self.dynamics.observe = watch.observe_log_risk
             try:
+                watch.observe_s(math.log(n) - state.ev.log_risk)
+                watch.stalled(state.wall_seconds)  # opens the first window (a fresh run)
                 while True:
                     s = math.log(n) - state.ev.log_risk
+                    watch.observe_s(s)
                     self._milestones(state, s)
                     if self.instruments and (state.steps >= state.next_log_step or s >= state.next_log_ln):
                         row = self.log_point(state)
@@ -347,30 +396,38 @@ class Trainer:
                         direction, direction_of = state.w / state.w.norm(), state.w
                     old_direction = direction
                     self.dynamics.gradient_wanted = self.instruments and state.steps + 1 >= state.next_log_step
-                    before = copy.deepcopy(self.dynamics.state_dict()) if self.coordinator.aborts_inside_steps else None
+                    before = copy.deepcopy(self.dynamics.state_dict())
+                    self.coordinator.begin_step(self.dynamics, wanted)
                     try:
                         result = self.dynamics.step(state.w, state.ev, target=self._landing(s))
-                    except StepAborted:
+                    except StepAborted as aborted:
                         # The step never happened: the controller goes back to where it was.
+                        # (Every process of a distributed run got the same reason at the same
+                        # all-gather.)
                         self.dynamics.load_state_dict(before)
-                        state.wall_seconds = wall_at_start + (time.perf_counter() - start)
-                        if flag.signum is None:
-                            state.stop_reason = "max_wall_seconds"
-                            break
-                        self.checkpoint(state)
-                        raise Interrupted(signal.Signals(flag.signum).name) from None
+                        state.wall_seconds = clock()
+                        if aborted.reason == "signal":
+                            self.checkpoint(state)
+                            raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank") from None
+                        state.stop_reason = aborted.reason
+                        state.stop_message = watch.message if aborted.reason == "stalled" else None
+                        break
+                    finally:
+                        self.coordinator.end_step(self.dynamics)
                     state.w, state.ev = result.w, result.ev
                     state.steps += 1
                     state.grad_evals += result.grad_evals
                     state.rejected_steps += result.rejected
                     direction, direction_of = state.w / state.w.norm(), state.w
                     state.path_length += float((direction - old_direction).norm())
+                    watch.observe_s(math.log(n) - state.ev.log_risk)
                     now = time.perf_counter()
                     due = (every_steps > 0 and state.steps % every_steps == 0) or (now - last_checkpoint >= every_seconds)
                     # Every process must branch alike: one clock, one checkpoint decision, and a
-                    # stop if any process was signalled.
-                    state.wall_seconds, due, stop = self.coordinator.agree(
-                        wall_at_start + (now - start), due, flag.signum is not None)
+                    # stop if any process was signalled or saw the run stall.
+                    wall = wall_at_start + (now - start)
+                    state.wall_seconds, due, stop, stalled = self.coordinator.agree(
+                        wall, due, flag.signum is not None, watch.stalled(wall))
                     for cb in self.callbacks:
                         cb.on_step(self, state)
                     if state.stop_reason is not None:  # a callback's own goal (a benchmark's caps)
@@ -381,8 +438,12 @@ class Trainer:
                     if stop:
                         self.checkpoint(state)
                         raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank")
+                    if stalled:
+                        state.stop_reason = "stalled"
+                        state.stop_message = watch.message or "the risk has stalled on another process's clock"
+                        break
             finally:
-                self.dynamics.abort_requested = None
+                self.dynamics.observe = None
         if self.instruments and state.last_logged_step != state.steps:
             row = self.log_point(state)
             if progress is not None:

@@ -228,7 +228,7 @@ def follow(
     follower = _Follower(out, targets, time_cap, eval_cap)
     goals = GoalOptions(target_ln_n_over_L=targets[-1] if targets else math.inf, max_steps=10**12, max_wall_seconds=None)
     trainer = Trainer(problem, dynamics, goals, LoggingOptions(), callbacks=[follower], instruments=False,
-                      milestones=tuple(targets))
+                      milestones=tuple(targets), stall_goal=False)
     start = time.perf_counter()
     state = initial_state(problem, w0)
     state.wall_seconds = time.perf_counter() - start

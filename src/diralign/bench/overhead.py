@@ -108,7 +108,11 @@ class Instrumented:
 
     def __init__(self, experiment, setup, config, dynamics, with_callbacks: bool, directory):
         problem = setup.problem
-        self.store = _NoCheckpointStore(RunWriter.create(directory)) if directory is not None else None
+        self.store = None
+        if directory is not None:
+            writer = RunWriter.create(directory)
+            writer.publish()  # no set-up to protect: a benchmark's scratch directory
+            self.store = _NoCheckpointStore(writer)
         self.goals = GoalOptions.from_config(config)
         self.trainer = Trainer(problem, dynamics, self.goals, LoggingOptions.from_config(config), store=self.store,
                                callbacks=experiment.callbacks(setup, config) if with_callbacks else [])

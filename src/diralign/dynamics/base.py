@@ -23,8 +23,13 @@ class StepResult:
 
 
 class StepAborted(Exception):
-    """A budget ran out or a signal arrived inside a step: the step is abandoned and the last
-    accepted point stands (the trainer restores the controller state from before the step)."""
+    """A budget ran out, a signal arrived or the run stalled inside a step: the step is
+    abandoned and the last accepted point stands (the trainer restores the controller state
+    from before the step).  ``reason``: ``"signal"``, ``"max_wall_seconds"`` or ``"stalled"``."""
+
+    def __init__(self, reason: str = "signal"):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Dynamics:
@@ -37,11 +42,15 @@ class Dynamics:
     # forward pass, so the instruments reuse it instead of paying a second pass.
     gradient_wanted = False
     # Set by the trainer: the spacing of its log points in ln(n/L) (integrators that return
-    # at outputs place them on that grid), and a callable that says whether to abandon the
-    # step now (a signal or the wall-clock budget), so that a long step, an integrator
-    # crawling through thousands of evaluations, stops within one evaluation.
+    # at outputs place them on that grid); a callable that says why to abandon the step now
+    # (a signal, the wall-clock budget, a stall; None: go on), so that a long step, an
+    # integrator crawling through thousands of evaluations, stops within one evaluation; and
+    # one that is told the log L of every evaluation inside a step (the stall goal counts
+    # progress made inside long steps).  Under torch.distributed the coordinator decides
+    # aborts at the evaluations' all-gathers instead, alike on every process.
     log_spacing = math.inf
-    abort_requested: Optional[Callable[[], bool]] = None
+    abort_requested: Optional[Callable[[], Optional[str]]] = None
+    observe: Optional[Callable[[float], None]] = None
 
     def __init__(self, problem: Problem, config):
         self.problem = problem
@@ -49,13 +58,21 @@ class Dynamics:
 
     def check_abort(self) -> None:
         """Call between evaluations inside a step; raises :class:`StepAborted` when asked to stop."""
-        if self.abort_requested is not None and self.abort_requested():
-            raise StepAborted()
+        if self.abort_requested is not None:
+            reason = self.abort_requested()
+            if reason is not None:
+                raise StepAborted(reason)
+
+    def observed(self, ev: Evaluation) -> Evaluation:
+        """Tell the trainer's stall goal about an evaluation made inside a step."""
+        if self.observe is not None:
+            self.observe(ev.log_risk)
+        return ev
 
     def evaluate(self, w: torch.Tensor, need_grad: bool = True) -> Evaluation:
         """``problem.evaluate`` behind an abort check: what every dynamics calls inside a step."""
         self.check_abort()
-        return self.problem.evaluate(w, need_grad=need_grad)
+        return self.observed(self.problem.evaluate(w, need_grad=need_grad))
 
     def step(self, w: torch.Tensor, ev: Evaluation, target: Optional[float] = None) -> StepResult:
         raise NotImplementedError

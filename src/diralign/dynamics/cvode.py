@@ -17,8 +17,10 @@ grows with the step: this is what stalled a prototype past ``s ~ 1000`` (measure
 width 1000, rtol 1e-6: from ``s`` = 300 to 1000 difference quotients took 134,761
 evaluations and ended 1e-3 off in alignment; Hessian-vector products 765).  Early on
 difference quotients are cheaper (one gradient, not a Hessian-vector product costing 2-3),
-so ``cvode_jacobian=auto`` uses them while ``k s rtol <= DQ_LIMIT``.  Chunked or distributed
-problems, whose oracle only combines gradients, always use difference quotients.
+so ``cvode_jacobian=auto`` uses them while ``k s rtol <= DQ_LIMIT``.  Chunked and distributed
+problems get the same exact products (:meth:`~diralign.problem.Problem.curvature` combines the
+pieces' ``H_c v`` in log space like their gradients), so a run on ``W`` processes follows the
+same Newton iterations as one process with ``chunk_size = n/W``, bit for bit.
 
 **Tolerances.**  ``rtol`` is relative to each weight and, as a floor, to the RMS weight
 (``atol`` is raised to ``rtol * ||W||/sqrt(P)``): errors that small in weights far below the
@@ -110,8 +112,9 @@ class SClockSystem:
 
     CVODE hands numpy views of its own vectors; they become torch tensors without a copy
     (``torch.from_numpy``), and results are written straight into CVODE's output arrays.
-    The one copy left is the point whose graph is kept for Hessian-vector products: CVODE
-    reuses its work vectors, and a graph must not see its inputs change underneath it.
+    The one copy left is the point whose graph is kept for Hessian-vector products
+    (:meth:`~diralign.problem.Problem.curvature` makes it): CVODE reuses its work vectors, and
+    a graph must not see its inputs change underneath it.
     """
 
     def __init__(self, problem):
@@ -123,6 +126,7 @@ class SClockSystem:
         # Called before every evaluation; raising StepAborted inside a CVODE callback
         # propagates out of the solve (scikit-sundae re-raises it), abandoning the segment.
         self.check_abort = lambda: None
+        self.observe = lambda log_risk: None  # each right-hand side's log L (the stall goal)
 
     @property
     def grad_evals(self) -> int:
@@ -142,24 +146,22 @@ class SClockSystem:
         else:
             target.copy_((value * scale).to(device="cpu", dtype=torch.float64))
 
-    def _gradient_graph(self, y: np.ndarray):
-        w = self._torch(y)
-        w = (w.clone() if self.cpu64 else w).requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.problem.log_risk_fn(w), w, create_graph=True)
-        gd = g.detach()
-        return w, g, gd, float(torch.dot(gd, gd))
+    def _curvature(self, y: np.ndarray):
+        # (curvature() copies the point: CVODE reuses its work vectors under the graph)
+        return self.problem.curvature(self._torch(y))
 
     def rhs(self, t, y, yp) -> None:
         self.check_abort()
         self.rhs_evals += 1
         if self.exact:
-            self.graph = self._gradient_graph(y)
-            gd, gg = self.graph[2], self.graph[3]
+            self.graph = self._curvature(y)
+            gd, log_risk = self.graph.grad, self.graph.log_risk
         else:
             self.graph = None
-            gd = self.problem.evaluate(self._torch(y)).grad
-            gg = float(torch.dot(gd, gd))
+            ev = self.problem.evaluate(self._torch(y))
+            gd, log_risk = ev.grad, ev.log_risk
+        self.observe(log_risk)
+        gg = float(torch.dot(gd, gd))
         if not (gg > 0 and math.isfinite(gg)):
             # CVODE treats a non-finite derivative as a failed step and retries smaller.
             yp[:] = np.nan
@@ -168,15 +170,16 @@ class SClockSystem:
 
     def jac_setup(self, t, y, fy) -> None:
         # CVODE calls rhs(ynow) right before it: reuse that graph when it is the same point.
-        if self.graph is None or not torch.equal(self.graph[0].detach(), self._torch(y)):
+        if self.graph is None or not torch.equal(self.graph.w, self._torch(y)):
+            self.check_abort()
             self.graph_evals += 1
-            self.graph = self._gradient_graph(y)
+            self.graph = self._curvature(y)
 
     def hvp_works(self, w: torch.Tensor) -> bool:
         """Can this model be differentiated twice (custom autograd functions may not)?"""
         try:
-            graph = self._gradient_graph(w.detach().to(device="cpu", dtype=torch.float64).numpy())
-            (hv,) = torch.autograd.grad(graph[1], graph[0], torch.ones_like(graph[0]))
+            graph = self._curvature(w.detach().to(device="cpu", dtype=torch.float64).numpy())
+            hv = graph.hvp(torch.ones_like(graph.grad))
             return bool(torch.isfinite(hv).all())
         except RuntimeError:
             return False
@@ -186,8 +189,10 @@ class SClockSystem:
     def jac_times(self, t, y, fy, v, Jv) -> None:
         self.check_abort()
         self.hvp_evals += 1
-        w, g, gd, gg = self.graph
-        (hv,) = torch.autograd.grad(g, w, self._torch(v), retain_graph=True)
+        graph = self.graph
+        gd = graph.grad
+        gg = float(torch.dot(gd, gd))
+        hv = graph.hvp(self._torch(v))
         jv = hv.add_(gd, alpha=-2.0 * float(torch.dot(gd, hv)) / gg)
         self._write(Jv, jv, -1.0 / gg)
 
@@ -204,13 +209,10 @@ class CvodeFlow(Dynamics):
         self.rtol, self.atol = flow.rtol, flow.atol
         self.fraction = options.cvode_segment
         self.krylov_dim = options.cvode_krylov_dim
-        jacobian = options.cvode_jacobian
-        chunked = bool(problem.chunk_size) and problem.chunk_size < problem.X.shape[0]
-        if chunked or problem.reducer is not None:
-            jacobian = "dq"  # the oracle of chunked/sharded problems combines gradients only
-        self.jacobian = jacobian
+        self.jacobian = options.cvode_jacobian
         self.system = SClockSystem(problem)
         self.system.check_abort = self.check_abort
+        self.system.observe = lambda log_risk: self.observe is not None and self.observe(log_risk)
         self.hvp_ok: Optional[bool] = None
         self.segment: Optional[dict] = None  # start, end, outputs returned (checkpointed)
         self.solver = None

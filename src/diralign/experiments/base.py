@@ -39,6 +39,11 @@ class Experiment:
     def callbacks(self, setup: Setup, config) -> list:
         return []
 
+    def initial_weights_reproducible(self, config) -> bool:
+        """Whether ``setup`` makes the same initial weights from the config alone (a resume
+        then checks them against the run's recorded hash)."""
+        return True
+
     def finish(self, setup: Setup, state, run_dir: Optional[Any], config) -> dict:
         """Experiment-specific summary keys (computed from the final state); ``run_dir`` is
         the run's :class:`~diralign.rundir.RunWriter` (``None`` on ranks that do not write)."""

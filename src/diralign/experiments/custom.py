@@ -91,6 +91,10 @@ class CustomExperiment(Experiment):
         X, y = load_npz(config.data, dtype=dtype, feature_ndim=(2, 4))
         return X, y, {"data": str(config.data)}
 
+    def initial_weights_reproducible(self, config) -> bool:
+        # A model handed over in memory starts from whatever weights it has then.
+        return self.model is None and config.model != IN_MEMORY
+
     def setup(self, config, dtype, device) -> Setup:
         X, y_raw, info = self._data(config, dtype)
         if self.model is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..rundir import Run
+from ..rundir.disk import check_writable
 from .common import plot_curves, plot_margins
 from .fig1 import plot_fig1
 from .margins import plot_margin_panel
@@ -23,8 +24,10 @@ EXPERIMENT_FIGURES = {
 
 def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Every figure of a run directory; returns the paths written."""
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    run = (run_dir if isinstance(run_dir, Run) else Run(run_dir)).check()
     out_dir = Path(out_dir or run.path)
+    check_writable(out_dir, f"write figures into {out_dir}", "the run itself is unchanged; draw them elsewhere "
+                   "with diralign.load_run(DIR).plot(OUT_DIR)")
     paths = plot_curves(run, out_dir) + plot_margins(run, out_dir)
     extra = EXPERIMENT_FIGURES.get(run.experiment)
     if extra is not None:

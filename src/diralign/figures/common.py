@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..rundir import Run, schema
+from ..rundir.disk import disk_errors
 
 
 def _pyplot():
@@ -34,7 +35,9 @@ def save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = Path(out_dir) / f"{stem}.{ext}"
-        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        with disk_errors(f"write the figure {path}", "the run itself is unchanged; plot it elsewhere with "
+                                                     "diralign.load_run(DIR).plot(OUT_DIR)"):
+            fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
         paths.append(path)
     return paths
 

@@ -13,6 +13,7 @@ class LinearModel(nn.Module):
     """``x -> <u, x>``: 1-homogeneous; gradient descent on it tends to the SVM direction."""
 
     homogeneity_degree = 1
+    linear_in_input = True  # x -> M x: separability is a linear program (diralign.separability)
 
     def __init__(self, in_features: int, init_scale: float = 0.1, generator: torch.Generator | None = None):
         super().__init__()
@@ -30,6 +31,8 @@ class DeepLinear(nn.Module):
     start (approximately) balanced, as Prop. 4.4's margin ratio ``gamma_svm / k^{k/2}``
     assumes: gradient flow preserves ``||A_j||^2 - ||A_{j+1}||^2``.
     """
+
+    linear_in_input = True  # x -> (A_k ... A_1) x: separability is a linear program
 
     def __init__(
         self,

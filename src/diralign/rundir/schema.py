@@ -23,6 +23,7 @@ CHECKPOINT = "checkpoint.pt"  # everything needed to continue bit for bit
 FINAL_MARGINS = "final_margins.npy"  # per-example normalised margins at the end
 ANGLE_TO_FINAL = "angle_to_final.npy"  # angle of W/||W|| at each log point to the final direction
 TENSORBOARD = "tensorboard"  # folder of TensorBoard event files (--set tensorboard=true)
+LOCK = ".diralign.lock"  # flock'ed by the one writer (run, resume); holds its PID (rundir.lock)
 
 # Array logs: fixed-width float rows [T, width] appended at log points, stored as NAME.bin
 # with NAME.json holding {"width", "dtype"}.
@@ -34,7 +35,7 @@ ARRAY_LOGS = (MARGINS, DIRECTIONS, SURFACES)
 # fig1's contour snapshots: (a) NTK max-margin, (b) first perfect classification, (c) end.
 FIG1_SNAPSHOTS = {"a": "fig1_a.npz", "b": "fig1_b.npz", "c": "fig1_c.npz"}
 
-FILES = (CONFIG, SUMMARY, ASSUMPTIONS, LOG, CHECKPOINT, FINAL_MARGINS, ANGLE_TO_FINAL, TENSORBOARD,
+FILES = (CONFIG, SUMMARY, ASSUMPTIONS, LOG, CHECKPOINT, FINAL_MARGINS, ANGLE_TO_FINAL, TENSORBOARD, LOCK,
          *(f"{name}.bin" for name in ARRAY_LOGS), *(f"{name}.json" for name in ARRAY_LOGS),
          *FIG1_SNAPSHOTS.values())
 
@@ -46,6 +47,22 @@ META_DATA = "data"
 META_PARAMETERS = "parameters"
 META_VERSIONS = "versions"
 META_CREATED = "created"
+# Identity (rundir.integrity): which run this is, and what it was built from.  A checkpoint
+# carries the run id; resume rebuilds the data and initial weights and compares hashes.
+META_RUN_ID = "run_id"  # uuid4 hex, made when the run is created
+META_DATA_SHA256 = "data_sha256"  # of X and y as the experiment built them (before sharding)
+META_INITIAL_WEIGHTS_SHA256 = "initial_weights_sha256"  # of W0 (null: not reproducible, e.g. an in-memory model)
+META_CHECKSUM = "checksum"  # sha256 of the canonical JSON of every other entry
+META_IDENTITY = (META_RUN_ID, META_DATA_SHA256, META_INITIAL_WEIGHTS_SHA256)
+
+# -- checkpoint.pt ----------------------------------------------------------------------
+CKPT_FORMAT = "format"  # "diralign-checkpoint"
+CKPT_VERSION = "version"
+CKPT_RUN_ID = "run_id"  # = config.json's run_id
+CKPT_STATE = "state"  # TrainState.to_payload()
+CKPT_DYNAMICS = "dynamics"  # the dynamics' state_dict()
+CKPT_POSITIONS = "positions"  # {"log_bytes", "array_rows": {name: rows}} of the append-only files
+CKPT_CHECKSUM = "checksum"  # sha256 of every other entry (tensors' bytes included)
 
 # -- log.csv ------------------------------------------------------------------------------
 STEP = "step"
@@ -108,6 +125,7 @@ SUMMARY_KEYS = DESIGN_SUMMARY_KEYS + (
     "dynamics",  # which dynamics produced the numbers ("flow/cvode", "gd", ...)
     "faithful_to_flow",  # true when they are the error-controlled flow's, not a discrete method's iterates
     "stop_reason",  # target_ln_n_over_L | max_steps | max_wall_seconds | stalled | ...
+    "stop_message",  # the reason in words where it needs them (stalled: by how little the risk fell), else null
     "first_separable_step", "first_separable_ln_n_over_L",  # first perfect classification
     "assumption_2_3_step",  # first step with L(W) < l(0)
     "alignment_cos_at_ln10", "alignment_cos_at_ln30", "alignment_cos_at_ln100",  # measured at the milestone
@@ -161,21 +179,28 @@ def check_summary(experiment: str, summary: dict) -> None:
 
 
 # -- JSON -------------------------------------------------------------------------------
-def json_safe(value: Any):
+def json_safe(value: Any, strict: bool = False, _where: str = ""):
     """The one JSON sanitiser: numpy scalars and arrays to Python, non-finite floats to ``null``
-    (JSON has no NaN), tuples to lists, dict keys to strings."""
+    (JSON has no NaN), tuples to lists, dict keys to strings.
+
+    ``strict`` (config.json: a file read back to rebuild the run): a non-finite float is
+    ``ValueError(where, value)``, since ``null`` would resume as another setting."""
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, strict, f"{_where}.{k}" if _where else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, strict, f"{_where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
+        return json_safe(value.tolist(), strict, _where)
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
+        if math.isfinite(value):
+            return float(value)
+        if strict:
+            raise ValueError(_where, float(value))
+        return None
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:  # a 0-d tensor
-        return json_safe(value.item())
+        return json_safe(value.item(), strict, _where)
     return value
