@@ -227,7 +227,7 @@ def _env():
 
 @pytest.mark.slow
 def test_torchrun_default_flow_equals_one_process_and_resumes_on_one(tmp_path):
-    sets = ["--set", "threads=1", "--set", "target_ln_n_over_L=100"]
+    sets = ["--set", "threads=1", "--set", "target_ln_n_over_L=60"]
     out = tmp_path / "two"
     done = subprocess.run([*TORCHRUN, "run", "deep-linear", "--out", str(out), "--set", "distributed=true", *sets,
                            "--quiet", "--no-plot"], capture_output=True, text=True, timeout=300, env=_env())
@@ -237,10 +237,11 @@ def test_torchrun_default_flow_equals_one_process_and_resumes_on_one(tmp_path):
     two = json.loads((out / schema.SUMMARY).read_text())
     assert two["dynamics"] == "flow/cvode"
     assert numbers(two) == numbers(one)
-    # cut by its budget under torchrun, finished by one process
+    # cut by its budget under torchrun (inside a step: ranks agree at the all-gathers),
+    # finished by one process (the flow replays its segment, the budget waiting for that)
     cut = tmp_path / "cut"
     first = subprocess.run([*TORCHRUN, "run", "deep-linear", "--out", str(cut), "--set", "distributed=true", *sets,
-                            "--set", "max_wall_seconds=1", "--set", "checkpoint_every_steps=5", "--quiet", "--no-plot"],
+                            "--set", "max_wall_seconds=3", "--set", "checkpoint_every_steps=5", "--quiet", "--no-plot"],
                            capture_output=True, text=True, timeout=300, env=_env())
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((cut / schema.SUMMARY).read_text())

@@ -371,6 +371,8 @@ class Trainer:
             def wanted() -> Optional[str]:  # why to abandon the current step now, if at all
                 if flag.signum is not None:
                     return "signal"
+                if self.dynamics.replaying:  # work the checkpoint holds: no progress to judge
+                    return None
                 wall = clock()
                 if self._out_of_time(wall):
                     return "max_wall_seconds"

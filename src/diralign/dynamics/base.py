@@ -49,6 +49,10 @@ class Dynamics:
     # progress made inside long steps).  Under torch.distributed the coordinator decides
     # aborts at the evaluations' all-gathers instead, alike on every process.
     log_spacing = math.inf
+    # True while a dynamics redoes work a checkpoint already holds (CVODE replaying its
+    # segment on resume): budgets and the stall goal wait for it (a budget shorter than the
+    # replay would otherwise abort every resume at the same place); signals do not.
+    replaying = False
     abort_requested: Optional[Callable[[], Optional[str]]] = None
     observe: Optional[Callable[[float], None]] = None
 

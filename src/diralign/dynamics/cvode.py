@@ -320,8 +320,12 @@ class CvodeFlow(Dynamics):
         self.solver = self._new_solver()
         self.solver.init_step(seg["s0"], seg["w0"].numpy())
         y = seg["w0"].numpy()
-        for t_out, tstop in seg["times"]:
-            y = self._advance(t_out, tstop)
+        self.replaying = True
+        try:
+            for t_out, tstop in seg["times"]:
+                y = self._advance(t_out, tstop)
+        finally:
+            self.replaying = False
         self.replayed_grad_evals += self.system.grad_evals - before
         seg.pop("replay", None)
         replayed = torch.from_numpy(np.array(y)).to(w.dtype)
