@@ -373,7 +373,7 @@ def summarize(experiment, setup, state, config, dynamics) -> dict:
         schema.GRAD_EVALS: state.grad_evals,
         schema.REJECTED_STEPS: state.rejected_steps,
         schema.WALL_SECONDS: state.wall_seconds,
-        "dynamics": describe_dynamics(config),
+        "dynamics": describe_dynamics(config, problem.model),
         "faithful_to_flow": bool(dynamics.faithful_to_flow),
         "stop_reason": state.stop_reason,
         "stop_message": state.stop_message,
@@ -381,6 +381,7 @@ def summarize(experiment, setup, state, config, dynamics) -> dict:
         "first_separable_ln_n_over_L": state.first_separable_ln,
         "assumption_2_3_step": state.below_loss_at_zero_step,
     })
+    summary.update(dynamics.report())  # a dynamics' own counters (the sliding flow's events)
     for milestone in schema.ALIGNMENT_MILESTONES:
         summary[schema.milestone_key(milestone)] = state.milestones.get(f"{milestone:g}")
     schema.check_summary(experiment.name, summary)

@@ -75,6 +75,10 @@ class LoggingOptions(Options):
     checkpoint_every_seconds: float = option(30.0, "checkpoint at least this often (seconds of training)")
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: time-based only)")
     tensorboard: bool = option(False, "also write TensorBoard events into DIR/tensorboard/ as the run goes")
+    sharpness: bool = option(
+        False, "log the top Hessian eigenvalue of log L at log points (warm-started Lanczos; its "
+        "Hessian-vector products, 2 gradient evaluations each, count in grad_evals)"
+    )
 
     def validate(self) -> None:
         if not (self.log_every_ln >= 0 and math.isfinite(self.log_every_ln)):
@@ -260,6 +264,12 @@ class Trainer:
         for key in self.groups:
             self.columns += [schema.share_column(key), schema.block_alignment_column(key)]
         self.store_directions = problem.dim <= int(logging.store_directions_max_params)
+        self.sharpness = None
+        if logging.sharpness:
+            from .sharpness import Sharpness
+
+            self.sharpness = Sharpness(problem)
+            self.columns.append(schema.SHARPNESS)
         self.session_wall_start = 0.0
         dynamics.log_spacing = self.log_spacing
 
@@ -275,6 +285,11 @@ class Trainer:
         })
         if state.ev.grad is not None:
             row.update(probes.block_panel(self.problem, state.w, state.ev.grad, self.groups, row.get(schema.ALIGNMENT_COS)))
+        if self.sharpness is not None:
+            value, cost = self.sharpness.measure(state.w)
+            state.grad_evals += cost
+            row[schema.SHARPNESS] = value
+            row[schema.GRAD_EVALS] = state.grad_evals
         return row
 
     def _full_evaluation(self, state: TrainState) -> None:

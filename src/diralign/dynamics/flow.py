@@ -27,13 +27,17 @@ from ..errors import UserError
 from ..options import Options, option
 from .base import Dynamics, StepResult, finite
 
-INTEGRATORS = ("cvode", "dopri5")
+INTEGRATORS = ("auto", "cvode", "dopri5", "sliding")
 
 
 @dataclass
 class FlowOptions(Options):
     SECTION = "dynamics: flow"
-    integrator: str = option("cvode", "cvode (BDF, stiff-aware, the default) or dopri5 (explicit reference)")
+    integrator: str = option(
+        "auto",
+        "auto (sliding for ReLU/max-pool models, else cvode), cvode (BDF, stiff-aware), dopri5 (explicit reference), "
+        "sliding (event-aware Filippov flow for kinks)",
+    )
     rtol: float = option(1e-6, "relative tolerance of the flow integrator")
     atol: float = option(1e-10, "absolute tolerance floor of the flow integrator")
 

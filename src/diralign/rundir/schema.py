@@ -129,6 +129,8 @@ SUMMARY_KEYS = DESIGN_SUMMARY_KEYS + (
     "first_separable_step", "first_separable_ln_n_over_L",  # first perfect classification
     "assumption_2_3_step",  # first step with L(W) < l(0)
     "alignment_cos_at_ln10", "alignment_cos_at_ln30", "alignment_cos_at_ln100",  # measured at the milestone
+    "kink_events",  # sliding flow: {captured, released, crossed} kinks (absent for other dynamics)
+    "sliding_kinks",  # sliding flow: kinks held on their switching surfaces at the end (absent for other dynamics)
 )
 # Milestones of ln(n/L) at which alignment is measured exactly (the flow lands there).
 ALIGNMENT_MILESTONES = (10.0, 30.0, 100.0)
