@@ -116,7 +116,9 @@ class KinkMode(TorchFunctionMode):
         self.record = record
         self.sites: list[Site] = []
         self.h_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions in sliding, h values)
-        self.signal_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (positions, output tensor, flat idx)
+        self.signal_parts: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []  # (positions, output tensor, flat idx)
         self._count = 0
 
     def run(self, fn: Callable):

@@ -197,12 +197,17 @@ class SlidingFlow(Dynamics):
                 w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
                 stage = self._eval(w_stage)
                 cost += stage.grad_evals
-                if not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all())) or float(stage.v.norm()) == 0:
+                if (
+                    not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all()))
+                    or float(stage.v.norm()) == 0
+                ):
                     ok = False
                     break
                 ks.append(stage.s_velocity())
                 if cross is None:
-                    found = crossings(p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h))
+                    found = crossings(
+                        p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h)
+                    )
                     cross = found if len(found[0]) else None
                 if i == 6:
                     p_new = stage
@@ -226,7 +231,10 @@ class SlidingFlow(Dynamics):
             self.stats["rejected"] += cost - attempt_cost
             self.stats["rejected_with_cross"] += cross is not None
             if DEBUG:
-                print(f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}", flush=True)
+                print(
+                    f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}",
+                    flush=True,
+                )
             if cross is None:
                 continue_with = h * min(1.0, max(0.2, factor))
                 self.h = continue_with
@@ -282,7 +290,9 @@ class SlidingFlow(Dynamics):
         field = self.field
         cost = 0.0
         h = float((p1.w - p0.w).norm()) / max(float(p0.s_velocity().norm()), 1e-300)
-        crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0, side="new", significant=self._significance(p0, h))
+        crossed, _ = crossings(
+            p0.sites, p1.sites, field.sliding, 1.0, side="new", significant=self._significance(p0, h)
+        )
         capture = KinkSet()
         if len(crossed):
             self.events["crossed"] += len(crossed)
@@ -346,7 +356,9 @@ def leave_measure(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.where(delta > 0, outside, torch.ones_like(theta))
 
 
-def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None) -> tuple[KinkSet, torch.Tensor]:
+def crossings(
+    sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None
+) -> tuple[KinkSet, torch.Tensor]:
     """Kinks outside ``sliding`` that changed side between two forwards (a step's start and a
     stage at fraction ``c`` of it), with the fraction of the step at which each crossed by
     linear interpolation of its ``h``.  Pool kinks are held with the window's ``side``
