@@ -22,11 +22,11 @@ using them is refused by the kinked flow (see :func:`diralign.models.structure.n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 RELU_NAMES = {"relu", "relu_"}
@@ -73,10 +73,10 @@ class KinkSet:
     def positions(self, site: int) -> torch.Tensor:
         return (self.site == site).nonzero().flatten()
 
-    def subset(self, keep: torch.Tensor) -> "KinkSet":
+    def subset(self, keep: torch.Tensor) -> KinkSet:
         return KinkSet(self.site[keep], self.a[keep], self.b[keep], self.o[keep])
 
-    def union(self, other: "KinkSet") -> "KinkSet":
+    def union(self, other: KinkSet) -> KinkSet:
         """Concatenated, duplicates (same site and unit / window) dropped, sorted by site."""
         site = torch.cat([self.site, other.site])
         a = torch.cat([self.a, other.a])
@@ -97,7 +97,7 @@ class KinkSet:
         return {"site": self.site.clone(), "a": self.a.clone(), "b": self.b.clone(), "o": self.o.clone()}
 
     @classmethod
-    def from_state(cls, state: dict) -> "KinkSet":
+    def from_state(cls, state: dict) -> KinkSet:
         return cls(state["site"].long(), state["a"].long(), state["b"].long(), state["o"].long())
 
 
@@ -116,7 +116,9 @@ class KinkMode(TorchFunctionMode):
         self.record = record
         self.sites: list[Site] = []
         self.h_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions in sliding, h values)
-        self.signal_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (positions, output tensor, flat idx)
+        self.signal_parts: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []  # (positions, output tensor, flat idx)
         self._count = 0
 
     def run(self, fn: Callable):

@@ -120,8 +120,16 @@ class Problem:
 
     def split(self, count: int) -> Problem:
         """This problem evaluated in ``count`` contiguous pieces (:func:`piece_bounds`)."""
-        return Problem(self.model, self.X, self.y, self.loss, self.degree, self.chunk_size, n_total=self.n,
-                       pieces=piece_bounds(self.X.shape[0], count))
+        return Problem(
+            self.model,
+            self.X,
+            self.y,
+            self.loss,
+            self.degree,
+            self.chunk_size,
+            n_total=self.n,
+            pieces=piece_bounds(self.X.shape[0], count),
+        )
 
     def sharded(self, pieces: list[tuple[int, int]], gather: Callable, piece_counts: list[int]) -> Problem:
         """This process's share of the data: the contiguous run of ``pieces`` (global example
@@ -130,9 +138,18 @@ class Problem:
         start = pieces[0][0] if pieces else 0
         stop = pieces[-1][1] if pieces else 0
         # clone(): keep only the shard alive (the full data may be freed).
-        shard = Problem(self.model, self.X[start:stop].clone(), self.y[start:stop].clone(), self.loss, self.degree,
-                        self.chunk_size, n_total=self.n, pieces=[(a - start, b - start) for a, b in pieces],
-                        gather=gather, piece_counts=piece_counts)
+        shard = Problem(
+            self.model,
+            self.X[start:stop].clone(),
+            self.y[start:stop].clone(),
+            self.loss,
+            self.degree,
+            self.chunk_size,
+            n_total=self.n,
+            pieces=[(a - start, b - start) for a, b in pieces],
+            gather=gather,
+            piece_counts=piece_counts,
+        )
         shard.shard = (start, stop)
         return shard
 
@@ -157,7 +174,10 @@ class Problem:
 
     # -- the oracle ---------------------------------------------------------------
     def forward(self, w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        params = self.unflatten(w)
+        return self._call(self.unflatten(w), X)
+
+    def _call(self, params: dict, X: torch.Tensor) -> torch.Tensor:
+        params = dict(params)
         params.update(self.buffers)
         out = functional_call(self.model, params, (X,))
         if out.ndim == 2 and out.shape[1] == 1:
@@ -177,14 +197,41 @@ class Problem:
         log_losses, _ = self._log_losses_and_margins(self.forward(w, X), y)
         return torch.logsumexp(log_losses, dim=0)
 
-    def _evaluate_chunk(self, w, X, y, need_grad):
+    def _log_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.multiclass:
+            return losses.multiclass_log_losses(out, y, self.loss)
+        return losses.binary_log_losses(y * out, self.loss)
+
+    def _leaves(self, w: torch.Tensor) -> list:
+        """Each parameter tensor as its own autograd leaf, a detached view of ``w``.
+
+        Why not differentiate w.r.t. the flat ``w`` itself: the backward of each slice
+        ``w[a:b]`` materialises a zero tensor of all P entries and adds it up, O(#tensors * P)
+        per backward pass -- measured 1.45x the whole minibatch gradient on ResNet-18 (62
+        tensors, 11M entries; benchmarks/RESULTS.md).  Gradients of leaves come back one per
+        tensor and are concatenated once (one copy of P, like an optimizer's update).
+        """
+        return [
+            w[a:b].view(shape).detach().requires_grad_(True)
+            for shape, a, b in zip(self.shapes, self.offsets[:-1], self.offsets[1:])
+        ]
+
+    def _flat_grad(self, grads, leaves) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)])
+
+    def _evaluate_chunk(self, w, X, y, need_grad, want_margins: bool = True):
         if need_grad:
-            w = w.detach().requires_grad_(True)
+            leaves = self._leaves(w)
             with torch.enable_grad():
-                log_losses, margins = self._log_losses_and_margins(self.forward(w, X), y)
+                out = self._call(dict(zip(self.names, leaves)), X)
+                if want_margins:
+                    log_losses, margins = self._log_losses_and_margins(out, y)
+                else:  # the sgd hot path: a minibatch step uses no margins
+                    log_losses, margins = self._log_losses(out, y), None
                 lr = torch.logsumexp(log_losses, dim=0)
-                (grad,) = torch.autograd.grad(lr, w)
-            return lr.detach(), grad, margins.detach()
+                grads = torch.autograd.grad(lr, leaves, allow_unused=True)
+            return lr.detach(), self._flat_grad(grads, leaves), None if margins is None else margins.detach()
+        # (torch.inference_mode() measured no faster than no_grad here: benchmarks/RESULTS.md)
         with torch.no_grad():
             log_losses, margins = self._log_losses_and_margins(self.forward(w, X), y)
             return torch.logsumexp(log_losses, dim=0), None, margins
@@ -199,7 +246,18 @@ class Problem:
             parts = [(self.X[part], self.y[part]) for part in rows.split(size)]
         if not parts:  # no example of the piece (a minibatch may miss it): L_p = 0
             return (w.new_tensor(float("-inf")), w.new_zeros(self.dim) if need_grad else None, w.new_zeros(0))
-        return combine_log_space([self._evaluate_chunk(w, X, y, need_grad) for X, y in parts])
+        return self._fold_chunks(w, parts, need_grad)
+
+    def _fold_chunks(self, w, parts, need_grad: bool, want_margins: bool = True):
+        """The chunks ``parts`` evaluated one after the other and folded in log space as they
+        come (:class:`LogSpaceSum`, the same operations as :func:`combine_log_space`): at most
+        one chunk's activations and two gradient-sized buffers are alive, so peak memory is
+        set by ``chunk_size``, not by ``n`` (a list of the chunks' gradients would hold
+        ``n / chunk_size`` of them: 2.2 GB for ResNet-18 on 50,000 images)."""
+        total = LogSpaceSum()
+        for X, y in parts:
+            total.add(*self._evaluate_chunk(w, X, y, need_grad, want_margins))
+        return total.result()
 
     def _combine(self, pieces, need_grad: bool) -> Evaluation:
         """The pieces of this process (and, under torch.distributed, of every process) combined
@@ -208,11 +266,19 @@ class Problem:
         if self.gather is None:
             log_risk, grad, _ = combine_log_space(pieces)
             return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=int((margins > 0).sum()))
-        rows = self._gather_pieces([
-            torch.cat([torch.stack([lr.to(torch.float64), (m > 0).sum().to(torch.float64)]).to(m.device),
-                       *([g.to(torch.float64)] if need_grad else [])])
-            for lr, g, m in pieces
-        ], 2 + (self.dim if need_grad else 0), margins.device)
+        rows = self._gather_pieces(
+            [
+                torch.cat(
+                    [
+                        torch.stack([lr.to(torch.float64), (m > 0).sum().to(torch.float64)]).to(m.device),
+                        *([g.to(torch.float64)] if need_grad else []),
+                    ]
+                )
+                for lr, g, m in pieces
+            ],
+            2 + (self.dim if need_grad else 0),
+            margins.device,
+        )
         log_risk, grad, _ = combine_log_space([(r[0], r[2:] if need_grad else None, None) for r in rows.unbind(0)])
         if grad is not None:
             grad = grad.to(device=self.device, dtype=self.dtype)
@@ -225,7 +291,9 @@ class Problem:
         packed = torch.zeros((most, width), dtype=torch.float64, device=device)
         for i, row in enumerate(rows):
             packed[i] = row.to(device)
-        everyone = self.gather(packed.reshape(-1), "the gradient all-gather").reshape(len(self.piece_counts), most, width)
+        everyone = self.gather(packed.reshape(-1), "the gradient all-gather").reshape(
+            len(self.piece_counts), most, width
+        )
         return torch.cat([everyone[r, :count] for r, count in enumerate(self.piece_counts)])
 
     def evaluate(self, w: torch.Tensor, need_grad: bool = True) -> Evaluation:
@@ -249,6 +317,56 @@ class Problem:
             rows = index[(index >= start + a) & (index < start + b)] - start
             pieces.append(self._evaluate_rows(w, rows, a, b, need_grad))
         return self._combine(pieces, need_grad)
+
+    @property
+    def _one_piece(self) -> bool:
+        """One process, the data in one piece: nothing to combine across pieces."""
+        return self.gather is None and self.pieces == [(0, int(self.X.shape[0]))]
+
+    def minibatch(self, w: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log L_B, grad log L_B)`` as tensors on the problem's device: the sgd hot path.
+
+        The same numbers as :meth:`evaluate_subset`, without what a minibatch step does not
+        use: no margins, no count of correct examples, no selection of each piece's members
+        (a boolean mask has a data-dependent size), and so no host round trip: ``float()``,
+        ``int()`` or a mask would make the host wait for the device after every minibatch,
+        so it could never queue the next one.  ``index`` should already be on the device.
+        Split or distributed problems go through :meth:`evaluate_subset` (their collectives
+        synchronise anyway).
+        """
+        if not self._one_piece:
+            ev = self.evaluate_subset(w, index)
+            return w.new_tensor(ev.log_risk, dtype=torch.float64), ev.grad
+        size = self.chunk_size or max(index.numel(), 1)
+        parts = [(self.X[part], self.y[part]) for part in index.split(size)]
+        log_risk, grad, _ = self._fold_chunks(w, parts, need_grad=True, want_margins=False)
+        return log_risk, grad
+
+    def evaluate_deferred(self, w: torch.Tensor) -> tuple[Evaluation, Callable[[], torch.Tensor]]:
+        """:meth:`evaluate` in two halves: the evaluation without its gradient now, and a
+        function that returns the gradient (the same numbers as ``evaluate(w).grad``).
+
+        With the data in one chunk of one piece the forward pass keeps its graph, so the
+        gradient costs only the backward pass, and nothing if it is never asked for (a
+        rejected step).  Otherwise the gradient is computed with the pass.
+        """
+        if not self._one_piece or (self.chunk_size and self.X.shape[0] > self.chunk_size):
+            ev = self.evaluate(w, need_grad=True)
+            grad, ev.grad = ev.grad, None
+            return ev, lambda: grad
+        leaves = self._leaves(w)
+        with torch.enable_grad():
+            log_losses, margins = self._log_losses_and_margins(
+                self._call(dict(zip(self.names, leaves)), self.X), self.y
+            )
+            lr = torch.logsumexp(log_losses, dim=0)
+        margins = margins.detach()
+        ev = Evaluation(log_risk=float(lr.detach()), grad=None, margins=margins, correct=int((margins > 0).sum()))
+
+        def gradient() -> torch.Tensor:
+            return self._flat_grad(torch.autograd.grad(lr, leaves, allow_unused=True), leaves)
+
+        return ev, gradient
 
     # -- curvature (exact Hessian-vector products) -------------------------------------
     def _gradient_graph(self, w: torch.Tensor, a: int, b: int):
@@ -306,8 +424,11 @@ class Problem:
             return Curvature(w, float(log_total), grad, hvp)
         # Processes: [log L_p, g_p] of every piece once, then the H_p v per product.
         device = self.X.device
-        rows = self._gather_pieces([torch.cat([lr.to(torch.float64).reshape(1), g.to(torch.float64)]) for lr, g, _ in local],
-                                   1 + self.dim, device)
+        rows = self._gather_pieces(
+            [torch.cat([lr.to(torch.float64).reshape(1), g.to(torch.float64)]) for lr, g, _ in local],
+            1 + self.dim,
+            device,
+        )
         logs, grads = rows[:, 0], list(rows[:, 1:].unbind(0))
         log_total, grad, _ = combine_log_space([(lr, g, None) for lr, g in zip(logs, grads)])
 
@@ -344,19 +465,58 @@ def combine_hvp(logs: torch.Tensor, grads, products, v: torch.Tensor, log_total,
     return out
 
 
+class LogSpaceSum:
+    """Running ``log sum_c L_c`` and ``grad log sum_c L_c`` of pieces added one at a time.
+
+    Keeps ``top = max_c log L_c``, ``scaled = sum_c exp(log L_c - top)`` and
+    ``grad = sum_c exp(log L_c - top) grad log L_c``; a new maximum rescales both by
+    ``exp(top_old - top_new) <= 1``.  Every weight is at most 1, so nothing overflows, and
+    ``L`` itself (far below float64's range late in training) is never formed.  One piece is
+    returned bit for bit as it came.
+    """
+
+    def __init__(self):
+        self.top = self.scaled = self.grad = None
+        self.margins = []
+        self.count = 0
+
+    def add(self, log_risk, grad, margins) -> None:
+        self.count += 1
+        if margins is not None:
+            self.margins.append(margins)
+        if self.top is None:
+            self.top, self.grad = log_risk, grad
+            self.scaled = torch.ones_like(log_risk)
+            return
+        top = torch.maximum(self.top, log_risk)
+        # exp(-inf - -inf) is NaN: a piece with L_c = 0 (-inf) against an all-zero sum.
+        empty = torch.isneginf(top)
+        old = torch.where(empty, torch.ones_like(top), torch.exp(self.top - top))
+        new = torch.where(empty, torch.zeros_like(top), torch.exp(log_risk - top))
+        self.scaled = self.scaled * old + new
+        if self.grad is not None:
+            if self.count == 2:
+                self.grad = self.grad.clone()  # the first piece's tensor may belong to the caller
+            self.grad.mul_(old.to(self.grad.dtype)).add_(grad * new.to(grad.dtype))
+        self.top = top
+
+    def result(self):
+        margins = self.margins[0] if len(self.margins) == 1 else (torch.cat(self.margins) if self.margins else None)
+        if self.count == 1:
+            return self.top, self.grad, margins
+        total = self.top + torch.log(self.scaled)
+        grad = None if self.grad is None else self.grad / self.scaled.to(self.grad.dtype)
+        return total, grad, margins
+
+
 def combine_log_space(pieces):
     """Combine ``(log L_c, grad log L_c, margins_c)`` of disjoint pieces exactly.
 
-    ``log L = logsumexp_c log L_c`` and ``grad log L = sum_c softmax_c(log L) grad_c``:
-    the weights are at most 1, so nothing underflows that matters and nothing overflows.
+    ``log L = logsumexp_c log L_c`` and ``grad log L = sum_c softmax_c(log L) grad_c``, folded
+    in order by :class:`LogSpaceSum`: the same operations a chunked evaluation performs as its
+    chunks come, so pieces combined here and chunks folded on the fly agree bit for bit.
     """
-    if len(pieces) == 1:
-        return pieces[0]
-    logs = torch.stack([p[0] for p in pieces])
-    total = torch.logsumexp(logs, dim=0)
-    grad = None
-    if pieces[0][1] is not None:
-        weights = torch.exp(logs - total)
-        grad = sum(wt * p[1] for wt, p in zip(weights, pieces))
-    margins = None if pieces[0][2] is None else torch.cat([p[2] for p in pieces])
-    return total, grad, margins
+    total = LogSpaceSum()
+    for piece in pieces:
+        total.add(*piece)
+    return total.result()

@@ -65,8 +65,9 @@ class Sharpness:
         op = LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
         v0 = self.vector if self.vector is not None and self.vector.shape == (dim,) else _start(dim)
         try:
-            values, vectors = eigsh(op, k=1, which="LA", v0=v0, tol=self.tol, maxiter=MAX_PRODUCTS,
-                                    ncv=min(dim - 1, 20))
+            values, vectors = eigsh(
+                op, k=1, which="LA", v0=v0, tol=self.tol, maxiter=MAX_PRODUCTS, ncv=min(dim - 1, 20)
+            )
             value = float(values[0])
             self.vector = vectors[:, 0].copy()
         except ArpackNoConvergence as exc:  # the best Ritz pair so far (a slowly converging top)

@@ -185,7 +185,9 @@ class SlidingField:
                 v = v - pull
         self._remember(lam)
         theta = self._theta(lam, delta)
-        return FieldPoint(w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost)
+        return FieldPoint(
+            w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost
+        )
 
     @staticmethod
     def _backward(phi: torch.Tensor, wg: torch.Tensor, sites: list[Site], retain: bool) -> torch.Tensor:
@@ -250,7 +252,9 @@ class SlidingField:
             spent = self.refresh_normals(w, sites)
         return self.gram_chol, spent
 
-    def normals_at(self, w: torch.Tensor, sites: list[Site], kinks: Optional[KinkSet] = None) -> tuple[torch.Tensor, float]:
+    def normals_at(
+        self, w: torch.Tensor, sites: list[Site], kinks: Optional[KinkSet] = None
+    ) -> tuple[torch.Tensor, float]:
         """The rows ``grad h_a`` of ``N``: per example holding kinks, one forward of that example
         alone and one batched backward over its kinks (``is_grads_batched``).  Costs about
         ``(#examples with kinks + #kinks) / n`` gradient evaluations."""
@@ -267,18 +271,24 @@ class SlidingField:
         for i in torch.unique(example).tolist():
             mine = (example == i).nonzero().flatten()
             # The sliding set restricted to example i, re-indexed to a batch of one.
-            own = (self.sliding.a // torch.tensor([sizes_in[k] for k in self.sliding.site.tolist()], dtype=torch.long)) == i
+            own = (
+                self.sliding.a // torch.tensor([sizes_in[k] for k in self.sliding.site.tolist()], dtype=torch.long)
+            ) == i
             local = self.sliding.subset(own.nonzero().flatten())
             local = _shift(local, i, sizes_in, sizes_out)
             target = _shift(kinks.subset(mine), i, sizes_in, sizes_out)
-            both = KinkSet(torch.cat([local.site, target.site]), torch.cat([local.a, target.a]),
-                           torch.cat([local.b, target.b]), torch.cat([local.o, target.o]))
+            both = KinkSet(
+                torch.cat([local.site, target.site]),
+                torch.cat([local.a, target.a]),
+                torch.cat([local.b, target.b]),
+                torch.cat([local.o, target.o]),
+            )
             mode = KinkMode(both, record=False)
             wg = w.detach().requires_grad_(True)
             with torch.enable_grad():
                 with mode:
                     problem.forward(wg, problem.X[i : i + 1])
-                h = mode.h[len(local):]
+                h = mode.h[len(local) :]
                 eye = torch.eye(h.numel(), dtype=h.dtype, device=h.device)
                 (jac,) = torch.autograd.grad(h, wg, grad_outputs=eye, is_grads_batched=True)
             rows[mine] = jac
@@ -311,10 +321,17 @@ def _shift(kinks: KinkSet, i: int, sizes_in: dict, sizes_out: dict) -> KinkSet:
     din = torch.tensor([sizes_in[k] * i for k in sites], dtype=torch.long)
     dout = torch.tensor([sizes_out[k] * i for k in sites], dtype=torch.long)
     pool = kinks.b >= 0
-    return KinkSet(kinks.site.clone(), kinks.a - din, torch.where(pool, kinks.b - din, kinks.b), torch.where(pool, kinks.o - dout, kinks.o))
+    return KinkSet(
+        kinks.site.clone(),
+        kinks.a - din,
+        torch.where(pool, kinks.b - din, kinks.b),
+        torch.where(pool, kinks.o - dout, kinks.o),
+    )
 
 
-def project(field: SlidingField, w: torch.Tensor, sites: list[Site], iterations: int = 4, tol: float = 1e-13) -> tuple[torch.Tensor, float]:
+def project(
+    field: SlidingField, w: torch.Tensor, sites: list[Site], iterations: int = 4, tol: float = 1e-13
+) -> tuple[torch.Tensor, float]:
     """Newton steps ``w <- w - N^T (N N^T)^{-1} h(w)`` onto the sliding surfaces ``h = 0``
     (the normals refreshed at ``w``); returns the point and the gradient-equivalents spent."""
     spent = 0.0

@@ -21,8 +21,10 @@ CASES = {
     "h-alexnet-digits": ("margins", ["model=h-alexnet", "data=digits", "subset=512", "dynamics=sgd", "batch_size=128"]),
     # H-AlexNet (ReLU + max-pool kinks) on 16 digits (32x32x3), float64, every dynamics: the
     # flows start at ln(n/L) = 2 (flow_from_ln, gd before; see diralign.dynamics.warm).
-    "h-alexnet-16": ("margins", ["model=h-alexnet", "data=digits", "subset=16", "dtype=float64", "flow_from_ln=2",
-                                 "batch_size=8"]),
+    "h-alexnet-16": (
+        "margins",
+        ["model=h-alexnet", "data=digits", "subset=16", "dtype=float64", "flow_from_ln=2", "batch_size=8"],
+    ),
 }
 KINKED = ("h-alexnet-16",)  # problems whose flow is the sliding one (and only it: the others chatter)
 

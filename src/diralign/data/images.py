@@ -56,17 +56,26 @@ def standardize_channels(images: np.ndarray, scale: float) -> tuple[np.ndarray, 
     Accumulated in float64 without a float copy of the array (CIFAR-10 is 150M pixels).
     """
     mean = images.mean(axis=(0, 2, 3), dtype=np.float64) / scale
-    mean_sq = np.stack(
-        [np.mean(np.square(images[:, c], dtype=np.float64)) for c in range(images.shape[1])]
-    ) / scale**2
+    mean_sq = np.stack([np.mean(np.square(images[:, c], dtype=np.float64)) for c in range(images.shape[1])]) / scale**2
     std = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
     return mean, np.where(std > 0, std, 1.0)
 
 
+# Images converted per block: the float64 temporaries of one block (~100 MB), never of the whole
+# set (CIFAR-10 in float64 is 1.2 GB, and each arithmetic step would make another).
+CONVERT_BLOCK = 4096
+
+
 def _normalized(images: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray, dtype) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float64) / scale
-    x = (x - torch.as_tensor(mean)[None, :, None, None]) / torch.as_tensor(std)[None, :, None, None]
-    return x.to(dtype)
+    """``(images / scale - mean) / std`` in float64, stored as ``dtype``, block by block."""
+    images = np.asarray(images)
+    out = torch.empty(images.shape, dtype=dtype)
+    mean_t = torch.as_tensor(mean)[None, :, None, None]
+    std_t = torch.as_tensor(std)[None, :, None, None]
+    for a in range(0, len(images), CONVERT_BLOCK):
+        x = torch.as_tensor(images[a : a + CONVERT_BLOCK], dtype=torch.float64) / scale
+        out[a : a + CONVERT_BLOCK] = ((x - mean_t) / std_t).to(dtype)
+    return out
 
 
 # -- CIFAR-10 ---------------------------------------------------------------------------
@@ -141,7 +150,14 @@ def synthetic_images(n: int, seed: int = 0, dtype=torch.float64, classes: int = 
     if n < 2:
         raise UserError(f"synthetic-images needs n >= 2, got n={n}")
     gen = torch.Generator().manual_seed(int(seed) + 4242)
-    X = torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(dtype)
+    # Drawn in float64 block by block (the same stream as one call: checked in the tests),
+    # so 50,000 images never exist in float64 at once.
+    # (torch's CPU normal sampler works in groups of 16 values, so blocks of whole images
+    # continue one stream exactly when an image holds a multiple of 16 values.)
+    block = CONVERT_BLOCK if int(np.prod(shape)) % 16 == 0 else n
+    X = torch.empty(n, *shape, dtype=dtype)
+    for a in range(0, n, block):
+        X[a : a + block] = torch.randn(min(block, n - a), *shape, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, classes, (n,), generator=gen).numpy().astype(np.int64)
     return ImageData(X, labels, classes, {"data": "synthetic-images", "n_available": int(n)})
 
@@ -170,7 +186,9 @@ def npz_images(path, subset: int = 0, seed: int = 0, dtype=torch.float64) -> Ima
     return ImageData(X[torch.as_tensor(index)], y[index], num_classes, {"data": str(path), "n_available": int(len(y))})
 
 
-def load_images(name: str, *, data_root="data", download=False, subset=0, n=1000, seed=0, dtype=torch.float64) -> ImageData:
+def load_images(
+    name: str, *, data_root="data", download=False, subset=0, n=1000, seed=0, dtype=torch.float64
+) -> ImageData:
     """Dispatch on ``--set data=...``: a built-in source name, or a path to an ``.npz`` file."""
     if name == "cifar10":
         return cifar10(data_root, download=download, subset=subset, seed=seed, dtype=dtype)
@@ -178,6 +196,8 @@ def load_images(name: str, *, data_root="data", download=False, subset=0, n=1000
         return digits(subset=subset, seed=seed, dtype=dtype)
     if name == "synthetic-images":
         data = synthetic_images(n, seed=seed, dtype=dtype)
+        if not subset:
+            return data  # (indexing with all n would copy the whole set)
         index = class_balanced_subset(data.y, subset, seed)
         return ImageData(data.X[torch.as_tensor(index)], data.y[index], data.num_classes, data.info)
     if name.endswith(".npz") or Path(name).expanduser().is_file():
@@ -201,7 +221,9 @@ def class_balanced_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.nd
     rng = np.random.default_rng(int(seed) + 1013)
     classes = np.unique(labels)
     if size < len(classes):
-        raise UserError(f"subset={size} is smaller than the {len(classes)} classes; a balanced subset needs at least one of each")
+        raise UserError(
+            f"subset={size} is smaller than the {len(classes)} classes; a balanced subset needs at least one of each"
+        )
     pools = [rng.permutation(np.flatnonzero(labels == c)) for c in rng.permutation(classes)]
     taken = []
     depth = 0

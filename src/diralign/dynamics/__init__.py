@@ -79,5 +79,15 @@ def describe_dynamics(config, model=None) -> str:
     return f"{name}/{integrator}"
 
 
-__all__ = ["DYNAMICS", "FLOW_INTEGRATORS", "OPTIONS", "Dynamics", "DynamicsChoice", "StepAborted", "StepResult",
-           "describe_dynamics", "flow_integrator", "make_dynamics"]
+__all__ = [
+    "DYNAMICS",
+    "FLOW_INTEGRATORS",
+    "OPTIONS",
+    "Dynamics",
+    "DynamicsChoice",
+    "StepAborted",
+    "StepResult",
+    "describe_dynamics",
+    "flow_integrator",
+    "make_dynamics",
+]

@@ -53,6 +53,7 @@ class FlowOptions(Options):
         if not (0 < self.rtol < 1) or not self.atol >= 0:
             raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={self.rtol}, atol={self.atol})")
 
+
 # Dormand & Prince (1980) tableau.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _A = (

@@ -214,12 +214,17 @@ class SlidingFlow(Dynamics):
                 w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
                 stage = self._eval(w_stage)
                 cost += stage.grad_evals
-                if not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all())) or float(stage.v.norm()) == 0:
+                if (
+                    not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all()))
+                    or float(stage.v.norm()) == 0
+                ):
                     ok = False
                     break
                 ks.append(stage.s_velocity())
                 if cross is None:
-                    found = crossings(p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h))
+                    found = crossings(
+                        p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h)
+                    )
                     cross = found if len(found[0]) else None
                 if over is None and len(self.field.sliding):
                     found = overtaken(p0.sites, stage.sites, self.field.sliding, _C[i])
@@ -246,7 +251,10 @@ class SlidingFlow(Dynamics):
             self.stats["rejected"] += cost - attempt_cost
             self.stats["rejected_with_cross"] += cross is not None
             if DEBUG:
-                print(f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}", flush=True)
+                print(
+                    f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}",
+                    flush=True,
+                )
             if over is not None:
                 # A held tie lost its window to a third entry: the held value is no longer the max.
                 # Step to just before that, where the tie is released (the window's plain max
@@ -363,8 +371,13 @@ class SlidingFlow(Dynamics):
         plain max is no longer either of them), re-evaluate and settle."""
         field = self.field
         gone = set(zip(kinks.site.tolist(), kinks.o.tolist()))
-        keep = [i for i, (st, b, o) in enumerate(zip(field.sliding.site.tolist(), field.sliding.b.tolist(), field.sliding.o.tolist()))
-                if not (b >= 0 and (st, o) in gone)]
+        keep = [
+            i
+            for i, (st, b, o) in enumerate(
+                zip(field.sliding.site.tolist(), field.sliding.b.tolist(), field.sliding.o.tolist())
+            )
+            if not (b >= 0 and (st, o) in gone)
+        ]
         field.sliding = field.sliding.subset(torch.tensor(keep, dtype=torch.long))
         field.gram_chol = None
         self.events["released"] += len(gone)
@@ -462,7 +475,9 @@ def overtaken(sites0, sites1, sliding: KinkSet, c: float = 1.0) -> tuple[KinkSet
     return sliding.subset(torch.cat(pos)), torch.cat(fr)
 
 
-def crossings(sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None) -> tuple[KinkSet, torch.Tensor]:
+def crossings(
+    sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None
+) -> tuple[KinkSet, torch.Tensor]:
     """Kinks outside ``sliding`` that changed side between two forwards (a step's start and a
     stage at fraction ``c`` of it), with the fraction of the step at which each crossed by
     linear interpolation of its ``h``.  Pool kinks are held with the window's ``side``

@@ -57,7 +57,9 @@ class SGDOptions(Options):
         if self.batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {self.batch_size}")
         if self.accept_window < 1:
-            raise UserError(f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.accept_window}")
+            raise UserError(
+                f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.accept_window}"
+            )
 
 
 class MinibatchSGD(Dynamics):
@@ -89,38 +91,76 @@ class MinibatchSGD(Dynamics):
         self.capped_updates = int(state.get("capped_updates", 0))
         self.recent = [float(v) for v in state.get("recent", [])]
 
-    def _evaluate_subset(self, w, batch):
+    def _minibatch(self, w, batch):
         self.check_abort()
-        return self.problem.evaluate_subset(w, batch)
+        return self.problem.minibatch(w, batch)
 
     @property
     def full_batch(self) -> bool:
         return self.batch_size >= self.problem.n
 
     def _epoch(self, w: torch.Tensor, ev, order: torch.Tensor):
-        """One pass over ``order`` in minibatches; ``None`` if a minibatch went non-finite."""
+        """One pass over ``order`` in minibatches; ``None`` if a minibatch went non-finite.
+
+        The controller (``eta``, the norm cap, the finiteness check) runs on the device as
+        0-dim float64 tensors, and the host reads it back once, at the end of the epoch: a
+        ``float()`` per minibatch would make the host wait for the device after every
+        update instead of queueing the next minibatch (on a GPU the epoch would be bounded
+        by launch latency).  The arithmetic is the same as on the host: float64 scalars,
+        ``eta *= 0.99 * cap / length`` when an update is longer than the cap.  A non-finite
+        minibatch is noticed at the end of the epoch rather than at once; the epoch is
+        rejected either way.
+        """
         log_full = ev.log_risk
-        batches = list(order.split(self.batch_size))
+        batches = list(order.to(w.device).split(self.batch_size))
         if len(batches) > 1 and batches[-1].numel() == 1:
             # A last minibatch of one example: batch norm cannot normalise it, merge it.
             batches[-2:] = [torch.cat(batches[-2:])]
+        f64 = dict(dtype=torch.float64, device=w.device)
+        eta = torch.tensor(self.eta, **f64)
+        capped = torch.zeros((), dtype=torch.int64, device=w.device)
+        ok = torch.ones((), dtype=torch.bool, device=w.device)
         for batch in batches:
             if self.full_batch and ev.grad is not None:
-                log_batch, grad = ev.log_risk, ev.grad  # the whole data at the epoch's start
+                # the whole data at the epoch's start
+                log_batch, grad = torch.tensor(ev.log_risk, **f64), ev.grad
             else:
-                part = self._evaluate_subset(w, batch)
+                log_batch, grad = self._minibatch(w, batch)
                 self._spent += batch.numel() / self.problem.n
-                if not finite(part):
-                    return None
-                log_batch, grad = part.log_risk, part.grad
-            scale = math.exp(min(log_batch - log_full, 700.0))
-            length = self.eta * scale * float(grad.norm())
-            cap = self.max_update_ratio * float(w.norm())
-            if length > cap and cap > 0:
-                self.eta *= 0.99 * cap / length
-                self.capped_updates += 1
-            w = w - (self.eta * scale) * grad
-        return w
+            scale = torch.exp(torch.clamp(log_batch.to(torch.float64) - log_full, max=700.0))
+            length = eta * scale * grad.norm().to(torch.float64)
+            cap = self.max_update_ratio * w.norm().to(torch.float64)
+            over = (length > cap) & (cap > 0)
+            eta = torch.where(over, eta * (0.99 * cap / length), eta)
+            capped += over
+            # ||grad|| is finite iff every entry is, and scale iff log L_B is (or -inf: L_B = 0).
+            ok &= torch.isfinite(length)
+            w = w - (eta * scale).to(w.dtype) * grad
+        self.capped_updates += int(capped)
+        if math.isfinite(float(eta)):  # caps taken in a rejected epoch stand, as on the host
+            self.eta = float(eta)
+        return w if bool(ok) else None
+
+    def _check(self, w_new, with_grad: bool):
+        """The end-of-epoch risk at ``w_new`` (``None`` if non-finite); with its gradient when
+        the next epoch (full batch) or a log point wants it.
+
+        The gradient is taken only once the risk has passed the test: where the data fit in
+        one chunk, the forward pass keeps its graph and the backward pass runs on acceptance
+        (a rejected epoch costs a forward pass, not a forward and a backward pass); with more
+        chunks, keeping every chunk's graph would give up the memory bound, so the gradient
+        comes with the pass.
+        """
+        self.check_abort()
+        if not with_grad:
+            new = self.problem.evaluate(w_new, need_grad=False)
+            return new if finite(new) else None
+        new, gradient = self.problem.evaluate_deferred(w_new)
+        if not math.isfinite(new.log_risk):
+            return None
+        new.grad = gradient()
+        self._spent += 1.0
+        return new if finite(new) else None
 
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
         # Shuffle all n examples (identically on every rank under torch.distributed, where
@@ -134,10 +174,8 @@ class MinibatchSGD(Dynamics):
             order = torch.randperm(n_total, generator=self.generator)
             w_new = self._epoch(w, ev, order)
             if w_new is not None:
-                with_grad = self.full_batch or self.gradient_wanted  # a log point follows: reuse this pass
-                new = self.evaluate(w_new, need_grad=with_grad)
-                self._spent += 1.0 if with_grad else 0.0
-                if finite(new) and new.log_risk <= bound:
+                new = self._check(w_new, with_grad=self.full_batch or self.gradient_wanted)
+                if new is not None and new.log_risk <= bound:
                     self.eta *= self.growth
                     return StepResult(w_new, new, round(self._spent), rejected)
             rejected += 1

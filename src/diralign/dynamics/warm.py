@@ -53,7 +53,12 @@ class WarmStartFlow(Dynamics):
         return dict(self.flow.report(), faithful_from_ln_n_over_L=self.started_at)
 
     def state_dict(self) -> dict:
-        return {"in_flow": self.in_flow, "started_at": self.started_at, "gd": self.gd.state_dict(), "flow": self.flow.state_dict()}
+        return {
+            "in_flow": self.in_flow,
+            "started_at": self.started_at,
+            "gd": self.gd.state_dict(),
+            "flow": self.flow.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.in_flow = bool(state["in_flow"])

@@ -1,6 +1,6 @@
 """``fig2.png/pdf``: the paper's Figure 2/3 from a ``margins`` run directory.
 
-    diralign plot runs/margins
+diralign plot runs/margins
 """
 
 from __future__ import annotations
@@ -10,24 +10,31 @@ from pathlib import Path
 import numpy as np
 
 from ..rundir import schema
-from .common import _pyplot, as_run, draw_margins, save
+from .common import _pyplot, as_run, draw_margins, margin_trajectories, save
+from .margins_convergence import draw_convergence
 
 
 def plot_margin_panel(run, out_dir=None) -> list:
-    """``fig2.png/pdf``: the Fig. 2 margin plot beside a companion panel of alignment
-    ``1 - cos(W, -grad L)`` and directional path length (plus the angle to the final
-    direction when directions were stored), all against ``ln(n/L)``."""
+    """``fig2.png/pdf``: the Fig. 2 margin plot; beside it the margins' convergence on log
+    axes (:mod:`.margins_convergence`); below, alignment ``1 - cos(W, -grad L)`` and the
+    directional path length (plus the angle to the final direction when directions were
+    stored), all against ``ln(n/L)``."""
     plt = _pyplot()
     run = as_run(run)
     out_dir = Path(out_dir or run.path)
     log = run.log
     if len(log) == 0:
         return []
-    fig, (ax_m, ax_a, ax_p) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    fig, ((ax_m, ax_c), (ax_a, ax_p)) = plt.subplots(2, 2, figsize=(13, 9))
     draw_margins(ax_m, run)
+    trajectories = margin_trajectories(run)
+    if trajectories is not None:
+        draw_convergence(ax_c, trajectories[0], trajectories[1])
     summary, config, data = run.summary, run.config, run.data_info
-    ax_m.set_title(f"{config.get('model', '?')} on {data.get('data', config.get('data', '?'))}, "
-                   f"n = {data.get('n', '?')} ({summary.get('dynamics', config.get('dynamics', '?'))})")
+    ax_m.set_title(
+        f"{config.get('model', '?')} on {data.get('data', config.get('data', '?'))}, "
+        f"n = {data.get('n', '?')} ({summary.get('dynamics', config.get('dynamics', '?'))})"
+    )
     x = run.ln_n_over_L
     cos = run.column(schema.ALIGNMENT_COS)
     ok = np.isfinite(cos)
