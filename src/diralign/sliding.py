@@ -62,6 +62,7 @@ class FieldPoint:
     sites: list = field(default_factory=list)  # watch-list records of this forward
     grad_evals: float = 0.0  # gradient-equivalents spent on this point
     lam_in: Optional[dict] = None  # the multiplier prediction it started from (exact resume)
+    consistent: bool = True  # delta was computed with the final multipliers (within 1e-6 relative)
 
     @property
     def correct(self) -> int:
@@ -158,6 +159,7 @@ class SlidingField:
         # certifies the result; if the stored normals have gone stale it fails, and the exact
         # correction (a backward of dlam . h through the same graph) is taken instead.
         lam = self._predicted_multipliers(hd)
+        lam_start = lam.clone()
         phi = log_risk - torch.dot(lam, h)
         v = self._backward(phi, wg, mode.sites, retain=True)
         delta = sliding_signals(self.sliding, mode.sites)
@@ -185,8 +187,10 @@ class SlidingField:
                 v = v - pull
         self._remember(lam)
         theta = self._theta(lam, delta)
+        consistent = float((lam - lam_start).norm()) <= 1e-4 * float(lam.norm()) + 1e-300
         return FieldPoint(
-            w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost
+            w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost,
+            consistent=consistent,
         )
 
     @staticmethod

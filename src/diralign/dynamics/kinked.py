@@ -397,6 +397,14 @@ class SlidingFlow(Dynamics):
             excess = leave_measure(p.theta, p.delta)
             if not bool((excess > RELEASE_MARGIN).any()):
                 break
+            if not p.consistent:
+                # The backward signals delta (in theta = -lam/delta) came from the multipliers
+                # the point started from; upstream units' signals include the downstream
+                # kinks' lam (a chain of held units on one example), and right after a capture
+                # those were 0.  Evaluate again from the converged ones before deciding.
+                p = self._eval(p.w)
+                cost += p.grad_evals
+                continue
             worst = int(torch.argmax(excess))
             side = leave_side(float(p.theta[worst]), float(p.delta[worst]), float(p.h[worst]))
             kink = field.sliding.subset(torch.tensor([worst]))
