@@ -189,7 +189,16 @@ class SlidingField:
         theta = self._theta(lam, delta)
         consistent = float((lam - lam_start).norm()) <= 1e-4 * float(lam.norm()) + 1e-300
         return FieldPoint(
-            w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost,
+            w,
+            float(log_risk),
+            margins,
+            v.detach(),
+            hd,
+            lam.detach(),
+            theta,
+            delta.detach(),
+            mode.sites,
+            cost,
             consistent=consistent,
         )
 

@@ -18,9 +18,9 @@ from .cvode import CvodeFlow, CvodeOptions
 from .flow import Dopri5Flow, FlowOptions
 from .gd import NormalizedGD, StepOptions
 from .kinked import SlidingFlow
-from .warm import WarmStartFlow
 from .loss_based import LossBasedGD
 from .sgd import MinibatchSGD, SGDOptions
+from .warm import WarmStartFlow
 
 DYNAMICS = {
     "flow": Dopri5Flow,

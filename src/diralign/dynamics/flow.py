@@ -40,8 +40,9 @@ class FlowOptions(Options):
     )
     rtol: float = option(1e-6, "relative tolerance of the flow integrator")
     flow_from_ln: Optional[float] = option(
-        None, "start the flow at this ln(n/L), normalised gd getting there first (none: from initialisation); "
-        "the summary's faithful_from_ln_n_over_L says where it started"
+        None,
+        "start the flow at this ln(n/L), normalised gd getting there first (none: from initialisation); "
+        "the summary's faithful_from_ln_n_over_L says where it started",
     )
     atol: float = option(1e-10, "absolute tolerance floor of the flow integrator")
 
