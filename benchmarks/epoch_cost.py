@@ -48,7 +48,8 @@ SGD_SEED_OFFSET = 20_200_612  # MinibatchSGD's shuffle generator: seed + this (r
 
 def _overrides(args, model: str, data: str) -> list[str]:
     sets = [f"model={model}", f"data={data}", f"batch_size={args.batch_size}", f"device={args.device}",
-            f"dtype={args.dtype}", f"threads={args.threads}", f"chunk_size={args.chunk_size}"]
+            f"dtype={args.dtype}", f"threads={args.threads}", f"chunk_size={args.chunk_size}",
+            "stall_seconds=0"]  # a few epochs on a loaded machine must not read as a stalled run
     if data == "synthetic-images":
         sets.append(f"n={args.n}")
     elif args.subset:

@@ -276,7 +276,8 @@ def step_epochs(p, work, results) -> dict:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        sets = [f"model={model}", "data=synthetic-images", f"n={p['epoch_n']}", f"device={p['device']}", f"max_steps={p['epochs']}"]
+        sets = [f"model={model}", "data=synthetic-images", f"n={p['epoch_n']}", f"device={p['device']}", f"max_steps={p['epochs']}",
+                "stall_seconds=0"]  # (a few slow epochs are not a stall)
         summary, _, _ = start_run(MarginsExperiment(), sets, run_dir, quiet=True, force=True)
         _sync()
         row = {"seconds_with_setup": time.perf_counter() - t, "n": summary["n"], "parameters": summary["parameters"],
