@@ -168,6 +168,8 @@ def diralign_epochs(model: str, data: str, args, epochs: int, forward: tuple) ->
         summary, _, _ = start_run(MarginsExperiment(), sets, Path(tmp) / "run", quiet=True)
         log_rows = _log_rows(Path(tmp) / "run")
     work = int(summary["steps"]) + int(summary["rejected_steps"])
+    if work == 0:
+        raise RuntimeError(f"the diralign run stopped before its first epoch (stop_reason {summary.get('stop_reason')})")
     full_batch = any(fb for _, fb in rec.steps)
     grad_passes = [t for t, g, inside in rec.passes if g and inside]
     out = {
