@@ -8,7 +8,7 @@ thread per process (gloo).  Each launch builds the experiment exactly as ``diral
 does (under torchrun: sharded, with the all-gather reducer), evaluates the full-data
 ``log L`` and ``grad log L`` once to warm up, then ``--repeats`` times, and reports the
 median (and minimum) seconds per evaluation; in the 2-process launch it also times the local shard
-alone (``reducer`` off) so the cost of the reduction shows.  Parallel efficiency is
+alone (``Problem.gather`` off) so the cost of the reduction shows.  Parallel efficiency is
 ``t(1 process, 1 thread) / (2 * t(2 processes))``.
 
 Cases (``--cases``): ``fig1`` (width 10,000, float64) and ``h-alexnet`` (all 1,797 sklearn
@@ -41,11 +41,11 @@ def worker(case: str, repeats: int) -> dict:
     experiment_name, overrides = CASES[case]
     threads = int(os.environ.get("BENCH_THREADS", "1"))
     config = apply_overrides(get_experiment(experiment_name).default_config(), [*overrides, f"threads={threads}"])
-    _, setup = build(experiment_name, config)
-    problem, w = setup.problem, setup.w0
+    from diralign.trainer import Coordinator
+
     context = distributed.DataParallel.from_env() if distributed.launched_by_torchrun() else None
-    if context is not None:
-        context.attach(setup, config)
+    setup = build(get_experiment(experiment_name), config, context or Coordinator())
+    problem, w = setup.problem, setup.w0
 
     def timed(fn) -> tuple[float, float]:
         fn()  # warm-up
@@ -68,9 +68,10 @@ def worker(case: str, repeats: int) -> dict:
     }
     result["seconds_per_gradient"], result["min_seconds_per_gradient"] = timed(lambda: problem.evaluate(w))
     if context is not None:
-        reducer, problem.reducer = problem.reducer, None
+        # This process's pieces alone (no all-gather): the cost of the reduction shows.
+        gather, problem.gather = problem.gather, None
         result["local_shard_seconds"], _ = timed(lambda: problem.evaluate(w))
-        problem.reducer = reducer
+        problem.gather = gather
         result["reduction_seconds"] = result["seconds_per_gradient"] - result["local_shard_seconds"]
     if context is None or context.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)

@@ -211,9 +211,7 @@ def test_interrupted_train_resumes_bit_identically(tmp_path, monkeypatch):
     import signal
 
     from diralign.config import TrainConfig
-    from diralign.dynamics import FLOW_INTEGRATORS
-
-    Flow = FLOW_INTEGRATORS[TrainConfig().integrator]  # the default flow integrator
+    from diralign.dynamics import FLOW_INTEGRATORS, flow_integrator
 
     gen = torch.Generator().manual_seed(11)
     X = torch.randn(90, 3, generator=gen, dtype=torch.float64)
@@ -224,6 +222,7 @@ def test_interrupted_train_resumes_bit_identically(tmp_path, monkeypatch):
         torch.manual_seed(1)
         return nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 1, bias=False))
 
+    Flow = FLOW_INTEGRATORS[flow_integrator(net(), TrainConfig())]  # the default flow integrator for this model
     reference = diralign.train(net(), X, y, target_ln_n_over_L=40, out=tmp_path / "ref", quiet=True)
     original_step, calls = Flow.step, []
 

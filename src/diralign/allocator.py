@@ -42,5 +42,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl or another libc: leave the allocator alone
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
     return _applied

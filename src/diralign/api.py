@@ -111,7 +111,9 @@ def load_flat_weights(model: nn.Module, w: torch.Tensor) -> nn.Module:
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in params)
     if total != w.numel():
-        raise UserError(f"the checkpoint holds {w.numel()} parameters but this model has {total}; pass the run's architecture")
+        raise UserError(
+            f"the checkpoint holds {w.numel()} parameters but this model has {total}; pass the run's architecture"
+        )
     offset = 0
     with torch.no_grad():
         for p in params:
@@ -239,8 +241,7 @@ def _auto_dynamics(model: nn.Module, loader: bool) -> tuple[str, str]:
     kinks = nonsmooth_operations(model)
     if kinks:
         return "gd", (
-            f"auto: {', '.join(kinks)} has kinks, where the error-controlled flow crawls; "
-            "dynamics='flow' insists on it"
+            f"auto: {', '.join(kinks)} has kinks, where the error-controlled flow crawls; dynamics='flow' insists on it"
         )
     return "flow", "auto: no kinks found, so the error-controlled gradient flow"
 
@@ -323,7 +324,11 @@ def probe(model: nn.Module, X, y, loss: str = "logistic", chunk_size: Optional[i
         "has_skip_connections": report["has_skip_connections"],
         "nonsmooth_operations": report["nonsmooth_operations"],
         **row,
-        "normalized_margins": probes.normalized_margins(ev.margins, row["param_norm"], degree).detach().cpu().double().numpy(),
+        "normalized_margins": probes.normalized_margins(ev.margins, row["param_norm"], degree)
+        .detach()
+        .cpu()
+        .double()
+        .numpy(),
         "layers": layers,
         "assumptions": report,
     }
@@ -339,7 +344,15 @@ def probe(model: nn.Module, X, y, loss: str = "logistic", chunk_size: Optional[i
 
 def probe_verdict(p: dict) -> str:
     parts = [p["homogeneity_verdict"]]
-    extras = [name for key, name in (("has_bias", "biases"), ("has_batch_norm", "batch norm"), ("has_skip_connections", "skip connections")) if p[key]]
+    extras = [
+        name
+        for key, name in (
+            ("has_bias", "biases"),
+            ("has_batch_norm", "batch norm"),
+            ("has_skip_connections", "skip connections"),
+        )
+        if p[key]
+    ]
     if extras:
         parts.append("has " + ", ".join(extras))
     parts.append(f"train accuracy {p['train_accuracy']:.4g}")

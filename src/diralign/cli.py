@@ -1,10 +1,10 @@
 """The diralign command line.
 
-    diralign run deep-linear --out runs/dl --set target_ln_n_over_L=1000
-    diralign resume runs/dl
-    diralign plot runs/dl
-    diralign verify --quick --json verify.json
-    diralign bench --quick --json b.json
+diralign run deep-linear --out runs/dl --set target_ln_n_over_L=1000
+diralign resume runs/dl
+diralign plot runs/dl
+diralign verify --quick --json verify.json
+diralign bench --quick --json b.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment to its goals and write a run directory")
     run.add_argument("experiment", help="one of: " + ", ".join(sorted(EXPERIMENTS)))
     run.add_argument("--out", help="run directory (default: runs/EXPERIMENT-TIMESTAMP)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
     run.add_argument("--force", action="store_true", help="replace an existing run directory at --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar or report")
     run.add_argument("--download", action="store_true", help="download datasets that are missing (needs internet)")
@@ -60,8 +67,12 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="convert a run (or each run of a sweep) to TensorBoard event files")
     export.add_argument("dir", help="run directory or sweep directory")
-    export.add_argument("--tensorboard", metavar="OUT", required=True,
-                        help="write TensorBoard event files into OUT (a sweep: OUT/POINT)")
+    export.add_argument(
+        "--tensorboard",
+        metavar="OUT",
+        required=True,
+        help="write TensorBoard event files into OUT (a sweep: OUT/POINT)",
+    )
     export.add_argument("--force", action="store_true", help="replace the event files in a non-empty OUT")
 
     show = sub.add_parser("config", help="every key --set accepts: section, type, default and meaning")
@@ -73,15 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--keep", metavar="DIR", help="keep the runs' directories here (default: a temporary folder)")
     verify.add_argument("--force", action="store_true", help="with --keep: replace runs already in DIR")
     verify.add_argument("--jobs", type=int, default=2, help="cases run side by side (default 2)")
-    verify.add_argument("--only", metavar="CASES", help="comma-separated cases (deep-linear,srelu,relu,fig1,h-alexnet,counterexample)")
-    verify.add_argument("--integrator", help="flow integrator for the smooth cases (default: cvode if available, else dopri5)")
+    verify.add_argument(
+        "--only", metavar="CASES", help="comma-separated cases (deep-linear,srelu,relu,fig1,h-alexnet,counterexample)"
+    )
+    verify.add_argument(
+        "--integrator", help="flow integrator for the smooth cases (default: cvode if available, else dopri5)"
+    )
     verify.add_argument("--quiet", action="store_true", help="print only the table")
 
-    bench = sub.add_parser("bench", help="work-precision, reach and instrument cost of the dynamics (benchmarks/RESULTS.md)")
+    bench = sub.add_parser(
+        "bench", help="work-precision, reach and instrument cost of the dynamics (benchmarks/RESULTS.md)"
+    )
     bench.add_argument("--quick", action="store_true", help="short caps and targets (under 5 minutes on 2 cores)")
     bench.add_argument("--json", metavar="FILE", help="results file (default: OUT/results[-quick].json)")
-    bench.add_argument("--out", default="benchmarks", help="folder for the results and the figure (default: benchmarks)")
-    bench.add_argument("--problems", metavar="CASES", help="comma-separated: deep-linear,fig1-width1000 (default: both)")
+    bench.add_argument(
+        "--out", default="benchmarks", help="folder for the results and the figure (default: benchmarks)"
+    )
+    bench.add_argument(
+        "--problems", metavar="CASES", help="comma-separated: deep-linear,fig1-width1000 (default: both)"
+    )
     bench.add_argument("--cap", type=float, metavar="SECONDS", help="time cap per dynamics and problem")
     bench.add_argument("--no-overhead", action="store_true", help="skip the instrument-cost measurement")
     bench.add_argument("--no-figure", action="store_true", help="do not draw the work-precision figure")
@@ -96,7 +117,15 @@ def _default_out(experiment: str) -> str:
 
 
 def _print_summary(summary: dict, out) -> None:
-    keys = ("ln_n_over_L", "min_normalized_margin", "alignment_cos", "path_length", "train_accuracy", "grad_evals", "wall_seconds")
+    keys = (
+        "ln_n_over_L",
+        "min_normalized_margin",
+        "alignment_cos",
+        "path_length",
+        "train_accuracy",
+        "grad_evals",
+        "wall_seconds",
+    )
     parts = [f"{k}={summary[k]:.6g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}" for k in keys]
     print(f"{out}: " + " ".join(parts), flush=True)
 
@@ -104,7 +133,9 @@ def _print_summary(summary: dict, out) -> None:
 def _print_stop(summary: dict) -> None:
     """A run that ended on a stall says why, even with --quiet (its numbers are not converged)."""
     if summary.get("stop_message"):
-        print(f"diralign: stopped ({summary.get('stop_reason')}): {summary['stop_message']}", file=sys.stderr, flush=True)
+        print(
+            f"diralign: stopped ({summary.get('stop_reason')}): {summary['stop_message']}", file=sys.stderr, flush=True
+        )
 
 
 def _plot(out, quiet: bool) -> None:
@@ -126,7 +157,9 @@ def _run(args):
     overrides = list(args.overrides) + (["download=true"] if args.download else [])
     config = apply_overrides(experiment.default_config(), overrides)  # parsed and validated once
     coordinator = coordinator_for("run", config.distributed, config.device, out)
-    summary, _, _ = runner.start_run(experiment, config, out, force=args.force, quiet=args.quiet, coordinator=coordinator)
+    summary, _, _ = runner.start_run(
+        experiment, config, out, force=args.force, quiet=args.quiet, coordinator=coordinator
+    )
     return out, summary, coordinator
 
 
@@ -191,7 +224,10 @@ def dispatch(args) -> int:
         out, summary, coordinator = _run(args) if args.command == "run" else _resume(args)
     except Interrupted as exc:
         if os.environ.get("RANK", "0") == "0":  # one message for all ranks of a torchrun launch
-            print(f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}", file=sys.stderr)
+            print(
+                f"diralign: interrupted by {exc}; checkpoint saved, continue with: diralign resume {out}",
+                file=sys.stderr,
+            )
         return 130
     if coordinator is None or coordinator.is_writer:
         if not args.quiet:

@@ -134,13 +134,17 @@ def config_to_dict(config) -> dict:
 
 def config_from_dict(config_cls, data: dict):
     if not isinstance(data, dict):
-        raise UserError(f"config.json's 'config' entry is a {type(data).__name__}, not an object; the run directory is damaged")
+        raise UserError(
+            f"config.json's 'config' entry is a {type(data).__name__}, not an object; the run directory is damaged"
+        )
     hints = typing.get_type_hints(config_cls)
     valid = set(field_names(config_cls))
     kwargs = {}
     for key, value in data.items():
         if key not in valid:
-            raise UserError(f"config.json has unknown key {key!r} for this experiment (written by another diralign version?)")
+            raise UserError(
+                f"config.json has unknown key {key!r} for this experiment (written by another diralign version?)"
+            )
         origin = typing.get_origin(hints[key])
         if origin in (tuple, list) and value is not None:
             if not isinstance(value, list):
@@ -175,14 +179,17 @@ def _check_types(values: dict, hints) -> None:
                 ok = (float, int) if inner is float else (inner,)
                 bad = [v for v in value if not isinstance(v, ok) or isinstance(v, bool)]
                 if bad:
-                    raise UserError(f"config.json: {name} holds {bad[0]!r}, not a {_type_name(inner)}; "
-                                    "the run directory is damaged")
+                    raise UserError(
+                        f"config.json: {name} holds {bad[0]!r}, not a {_type_name(inner)}; the run directory is damaged"
+                    )
         elif annotation is float:
             allowed = (float, int)
         elif annotation in (int, str, bool):
             allowed = (annotation,)
         if allowed and (not isinstance(value, allowed) or (annotation in (int, float) and isinstance(value, bool))):
-            raise UserError(f"config.json: {name} = {value!r} is not a {_type_name(hints[name])}; the run directory is damaged")
+            raise UserError(
+                f"config.json: {name} = {value!r} is not a {_type_name(hints[name])}; the run directory is damaged"
+            )
 
 
 def describe(config_cls, experiment: str) -> list[dict]:
@@ -191,13 +198,15 @@ def describe(config_cls, experiment: str) -> list[dict]:
     defaults = dataclasses.asdict(config_cls())
     rows = []
     for f in dataclasses.fields(config_cls):
-        rows.append({
-            "section": section_of(config_cls, f.name, default=experiment),
-            "key": f.name,
-            "type": _type_name(hints[f.name]),
-            "default": defaults[f.name],
-            "help": help_of(config_cls, f.name),
-        })
+        rows.append(
+            {
+                "section": section_of(config_cls, f.name, default=experiment),
+                "key": f.name,
+                "type": _type_name(hints[f.name]),
+                "default": defaults[f.name],
+                "help": help_of(config_cls, f.name),
+            }
+        )
 
     def order(row):
         base = row["section"].split(":")[0]

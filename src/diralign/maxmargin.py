@@ -197,7 +197,9 @@ class InfiniteWidthMargin:
     solution: LPSolution
 
 
-def infinite_width_margin(X, y, grid_points: int = 4000, certificate_step: float = 0.01, rounds: int = 8, tol: float = 1e-6) -> InfiniteWidthMargin:
+def infinite_width_margin(
+    X, y, grid_points: int = 4000, certificate_step: float = 0.01, rounds: int = 8, tol: float = 1e-6
+) -> InfiniteWidthMargin:
     """Prop. 4.6's global value ``max_nu min_i y_i int max(0, <x_i, theta>)^2 d nu(theta)`` over
     signed measures of mass <= 1 on the sphere S^2 (``X [n, 3]``), bracketed.
 

@@ -97,7 +97,9 @@ def block_panel(
         wb_norm, gb_norm = float(wb.norm()), float(gb.norm())
         row[f"share:{key}"] = wb_norm**2 / total if total > 0 else float("nan")
         # cos(U_j, -g_j) = -<U_j, g_j> / (|U_j| |g_j|): no negated copy of the gradient.
-        row[f"alignment_cos:{key}"] = -float(torch.dot(wb, gb)) / (wb_norm * gb_norm) if wb_norm > 0 and gb_norm > 0 else float("nan")
+        row[f"alignment_cos:{key}"] = (
+            -float(torch.dot(wb, gb)) / (wb_norm * gb_norm) if wb_norm > 0 and gb_norm > 0 else float("nan")
+        )
     return row
 
 

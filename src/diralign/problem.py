@@ -120,8 +120,16 @@ class Problem:
 
     def split(self, count: int) -> Problem:
         """This problem evaluated in ``count`` contiguous pieces (:func:`piece_bounds`)."""
-        return Problem(self.model, self.X, self.y, self.loss, self.degree, self.chunk_size, n_total=self.n,
-                       pieces=piece_bounds(self.X.shape[0], count))
+        return Problem(
+            self.model,
+            self.X,
+            self.y,
+            self.loss,
+            self.degree,
+            self.chunk_size,
+            n_total=self.n,
+            pieces=piece_bounds(self.X.shape[0], count),
+        )
 
     def sharded(self, pieces: list[tuple[int, int]], gather: Callable, piece_counts: list[int]) -> Problem:
         """This process's share of the data: the contiguous run of ``pieces`` (global example
@@ -130,9 +138,18 @@ class Problem:
         start = pieces[0][0] if pieces else 0
         stop = pieces[-1][1] if pieces else 0
         # clone(): keep only the shard alive (the full data may be freed).
-        shard = Problem(self.model, self.X[start:stop].clone(), self.y[start:stop].clone(), self.loss, self.degree,
-                        self.chunk_size, n_total=self.n, pieces=[(a - start, b - start) for a, b in pieces],
-                        gather=gather, piece_counts=piece_counts)
+        shard = Problem(
+            self.model,
+            self.X[start:stop].clone(),
+            self.y[start:stop].clone(),
+            self.loss,
+            self.degree,
+            self.chunk_size,
+            n_total=self.n,
+            pieces=[(a - start, b - start) for a, b in pieces],
+            gather=gather,
+            piece_counts=piece_counts,
+        )
         shard.shard = (start, stop)
         return shard
 
@@ -194,8 +211,10 @@ class Problem:
         tensors, 11M entries; benchmarks/RESULTS.md).  Gradients of leaves come back one per
         tensor and are concatenated once (one copy of P, like an optimizer's update).
         """
-        return [w[a:b].view(shape).detach().requires_grad_(True)
-                for shape, a, b in zip(self.shapes, self.offsets[:-1], self.offsets[1:])]
+        return [
+            w[a:b].view(shape).detach().requires_grad_(True)
+            for shape, a, b in zip(self.shapes, self.offsets[:-1], self.offsets[1:])
+        ]
 
     def _flat_grad(self, grads, leaves) -> torch.Tensor:
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)])
@@ -247,11 +266,19 @@ class Problem:
         if self.gather is None:
             log_risk, grad, _ = combine_log_space(pieces)
             return Evaluation(log_risk=float(log_risk), grad=grad, margins=margins, correct=int((margins > 0).sum()))
-        rows = self._gather_pieces([
-            torch.cat([torch.stack([lr.to(torch.float64), (m > 0).sum().to(torch.float64)]).to(m.device),
-                       *([g.to(torch.float64)] if need_grad else [])])
-            for lr, g, m in pieces
-        ], 2 + (self.dim if need_grad else 0), margins.device)
+        rows = self._gather_pieces(
+            [
+                torch.cat(
+                    [
+                        torch.stack([lr.to(torch.float64), (m > 0).sum().to(torch.float64)]).to(m.device),
+                        *([g.to(torch.float64)] if need_grad else []),
+                    ]
+                )
+                for lr, g, m in pieces
+            ],
+            2 + (self.dim if need_grad else 0),
+            margins.device,
+        )
         log_risk, grad, _ = combine_log_space([(r[0], r[2:] if need_grad else None, None) for r in rows.unbind(0)])
         if grad is not None:
             grad = grad.to(device=self.device, dtype=self.dtype)
@@ -264,7 +291,9 @@ class Problem:
         packed = torch.zeros((most, width), dtype=torch.float64, device=device)
         for i, row in enumerate(rows):
             packed[i] = row.to(device)
-        everyone = self.gather(packed.reshape(-1), "the gradient all-gather").reshape(len(self.piece_counts), most, width)
+        everyone = self.gather(packed.reshape(-1), "the gradient all-gather").reshape(
+            len(self.piece_counts), most, width
+        )
         return torch.cat([everyone[r, :count] for r, count in enumerate(self.piece_counts)])
 
     def evaluate(self, w: torch.Tensor, need_grad: bool = True) -> Evaluation:
@@ -327,7 +356,9 @@ class Problem:
             return ev, lambda: grad
         leaves = self._leaves(w)
         with torch.enable_grad():
-            log_losses, margins = self._log_losses_and_margins(self._call(dict(zip(self.names, leaves)), self.X), self.y)
+            log_losses, margins = self._log_losses_and_margins(
+                self._call(dict(zip(self.names, leaves)), self.X), self.y
+            )
             lr = torch.logsumexp(log_losses, dim=0)
         margins = margins.detach()
         ev = Evaluation(log_risk=float(lr.detach()), grad=None, margins=margins, correct=int((margins > 0).sum()))
@@ -393,8 +424,11 @@ class Problem:
             return Curvature(w, float(log_total), grad, hvp)
         # Processes: [log L_p, g_p] of every piece once, then the H_p v per product.
         device = self.X.device
-        rows = self._gather_pieces([torch.cat([lr.to(torch.float64).reshape(1), g.to(torch.float64)]) for lr, g, _ in local],
-                                   1 + self.dim, device)
+        rows = self._gather_pieces(
+            [torch.cat([lr.to(torch.float64).reshape(1), g.to(torch.float64)]) for lr, g, _ in local],
+            1 + self.dim,
+            device,
+        )
         logs, grads = rows[:, 0], list(rows[:, 1:].unbind(0))
         log_total, grad, _ = combine_log_space([(lr, g, None) for lr, g in zip(logs, grads)])
 

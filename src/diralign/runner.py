@@ -1,7 +1,7 @@
 """Start, resume and summarise runs: config -> setup -> dynamics -> trainer -> run directory.
 
-    diralign run deep-linear --out runs/dl      # CLI front end of start_run
-    diralign resume runs/dl                     # resume_run
+diralign run deep-linear --out runs/dl      # CLI front end of start_run
+diralign resume runs/dl                     # resume_run
 """
 
 from __future__ import annotations
@@ -51,20 +51,32 @@ def assumption_report(setup, config) -> dict:
         "nonsmooth_operations": nonsmooth_operations(model),
         "initial_log_risk": None if ev is None else ev.log_risk,
         "log_loss_at_zero": losses.log_loss_at_zero(problem.loss),
-        "initially_below_loss_at_zero": None if ev is None else bool(ev.log_risk < losses.log_loss_at_zero(problem.loss)),
+        "initially_below_loss_at_zero": None
+        if ev is None
+        else bool(ev.log_risk < losses.log_loss_at_zero(problem.loss)),
     }
 
 
 def format_assumptions(report: dict) -> str:
     lines = [f"model: {report['homogeneity_verdict']}"]
-    extras = [name for key, name in (("has_bias", "biases"), ("has_batch_norm", "batch norm"), ("has_skip_connections", "skip connections")) if report[key]]
+    extras = [
+        name
+        for key, name in (
+            ("has_bias", "biases"),
+            ("has_batch_norm", "batch norm"),
+            ("has_skip_connections", "skip connections"),
+        )
+        if report[key]
+    ]
     if extras:
         lines.append("  outside Assumption 2.1 (homogeneous, definable): has " + ", ".join(extras))
     homogeneity = report["homogeneity"]
     if homogeneity.get("declared") is not None and homogeneity["declared"] != homogeneity.get("degree"):
         lines.append(f"  the model declares degree {homogeneity['declared']}; the measured value above is used")
     if not homogeneity.get("homogeneous"):
-        lines.append("  margins are normalised by the median nonnegative margin (the paper's choice for DenseNet/ResNet)")
+        lines.append(
+            "  margins are normalised by the median nonnegative margin (the paper's choice for DenseNet/ResNet)"
+        )
     kinks = report.get("nonsmooth_operations") or []
     if kinks:
         lines.append(
@@ -72,10 +84,16 @@ def format_assumptions(report: dict) -> str:
             "Theorem 3.1 (directional convergence) does not"
         )
     if report["initially_below_loss_at_zero"] is not None:
-        state = "holds" if report["initially_below_loss_at_zero"] else "does not hold yet (the summary records when it first does)"
+        state = (
+            "holds"
+            if report["initially_below_loss_at_zero"]
+            else "does not hold yet (the summary records when it first does)"
+        )
         lines.append(f"  Assumption 2.3 (L(W0) < l(0)) at start: {state}")
     if extras or not homogeneity.get("homogeneous") or report["initially_below_loss_at_zero"] is False:
-        lines.append("  training anyway: where an assumption fails, the numbers are measurements, not the theorems' guarantees")
+        lines.append(
+            "  training anyway: where an assumption fails, the numbers are measurements, not the theorems' guarantees"
+        )
     return "\n".join(lines)
 
 
@@ -87,7 +105,11 @@ class Progress:
         if not quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(target, 3), unit="ln", bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} ln(n/L) [{elapsed}<{remaining}{postfix}]")
+            self.bar = tqdm(
+                total=round(target, 3),
+                unit="ln",
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} ln(n/L) [{elapsed}<{remaining}{postfix}]",
+            )
             self.bar.n = round(max(start, 0.0), 3)
 
     def __call__(self, state, row) -> None:
@@ -155,7 +177,9 @@ def build_identified(experiment, config, coordinator: Coordinator):
     problem = setup.problem
     identity = {
         schema.META_DATA_SHA256: tensor_sha256(problem.X, problem.y),
-        schema.META_INITIAL_WEIGHTS_SHA256: tensor_sha256(setup.w0) if experiment.initial_weights_reproducible(config) else None,
+        schema.META_INITIAL_WEIGHTS_SHA256: tensor_sha256(setup.w0)
+        if experiment.initial_weights_reproducible(config)
+        else None,
     }
     if runtime.threads == 0 and problem.device.type == "cpu" and problem.dim * problem.X.shape[0] < 2_000_000:
         # Tiny problems (deep linear, small nets): one gradient costs tens of
@@ -174,18 +198,23 @@ def sealed_meta(experiment, config, meta: dict) -> dict:
     except ValueError as exc:
         where, value = exc.args
         where = where.removeprefix(f"{schema.META_CONFIG}.")
-        raise UserError(f"--set {where}={value!r} cannot be stored in {schema.CONFIG} (JSON has no inf or NaN); "
-                        "use a finite number") from None
+        raise UserError(
+            f"--set {where}={value!r} cannot be stored in {schema.CONFIG} (JSON has no inf or NaN); use a finite number"
+        ) from None
     again = config_to_dict(config_from_dict(type(config), json.loads(json.dumps(plain))[schema.META_CONFIG]))
     changed = [k for k, v in config_to_dict(config).items() if again.get(k) != v]
     if changed:
-        raise UserError(f"--set {changed[0]}={config_to_dict(config)[changed[0]]!r} would read back from "
-                        f"{schema.CONFIG} as {again.get(changed[0])!r}; choose a value JSON can hold")
+        raise UserError(
+            f"--set {changed[0]}={config_to_dict(config)[changed[0]]!r} would read back from "
+            f"{schema.CONFIG} as {again.get(changed[0])!r}; choose a value JSON can hold"
+        )
     plain[schema.META_CHECKSUM] = config_checksum(plain, schema.META_CHECKSUM)
     return plain
 
 
-def start_run(experiment, config, out, force: bool = False, quiet: bool = False, coordinator: Optional[Coordinator] = None):
+def start_run(
+    experiment, config, out, force: bool = False, quiet: bool = False, coordinator: Optional[Coordinator] = None
+):
     """Run ``experiment`` (a name or an instance) with ``config`` into ``out``.
 
     ``config``: the experiment's config object, or a list of ``key=value`` overrides of its
@@ -277,8 +306,10 @@ def resume_run(path, quiet: bool = False, coordinator: Optional[Coordinator] = N
         problem = setup.problem
         w = payload[schema.CKPT_STATE]["w"]
         if w.numel() != setup.w0.numel():
-            raise UserError(f"{path / schema.CHECKPOINT} holds {w.numel()} parameters but this run's model "
-                            f"has {setup.w0.numel()}; it belongs to another run")
+            raise UserError(
+                f"{path / schema.CHECKPOINT} holds {w.numel()} parameters but this run's model "
+                f"has {setup.w0.numel()}; it belongs to another run"
+            )
         state = TrainState.from_payload(payload[schema.CKPT_STATE], problem.device, problem.dtype)
         coordinator.adopt(state)
     except BaseException:
@@ -303,12 +334,24 @@ def _run(experiment, setup, config, store, state, quiet, coordinator, payload=No
     try:
         problem = setup.problem
         dynamics = make_dynamics(problem, config)
-        trainer = Trainer(problem, dynamics, GoalOptions.from_config(config), LoggingOptions.from_config(config),
-                          store=store, callbacks=experiment.callbacks(setup, config), coordinator=coordinator)
+        trainer = Trainer(
+            problem,
+            dynamics,
+            GoalOptions.from_config(config),
+            LoggingOptions.from_config(config),
+            store=store,
+            callbacks=experiment.callbacks(setup, config),
+            coordinator=coordinator,
+        )
         if store is not None:
             direction_dtype = "<f8" if problem.dtype == torch.float64 else "<f4"
-            store.open_logs(trainer.columns, problem.n, problem.dim if trainer.store_directions else 0, direction_dtype,
-                            positions=None if payload is None else payload[schema.CKPT_POSITIONS])
+            store.open_logs(
+                trainer.columns,
+                problem.n,
+                problem.dim if trainer.store_directions else 0,
+                direction_dtype,
+                positions=None if payload is None else payload[schema.CKPT_POSITIONS],
+            )
         if payload is not None:
             dynamics.load_state_dict(payload[schema.CKPT_DYNAMICS])
         else:
@@ -360,27 +403,38 @@ def summarize(experiment, setup, state, config, dynamics) -> dict:
     problem = setup.problem
     row = probes.panel(problem, state.w, state.ev, problem.degree)
     homogeneous = problem.degree is not None
-    summary = {key: row.get(key) for key in (
-        schema.LN_N_OVER_L, schema.LOG_RISK, schema.SMOOTHED_MARGIN, schema.ALIGNMENT_COS, schema.PARAM_NORM,
-        schema.TRAIN_ACCURACY)}
-    summary.update({
-        schema.MIN_NORMALIZED_MARGIN: row[schema.MIN_NORMALIZED_MARGIN] if homogeneous else None,
-        schema.NORMALIZED_SMOOTHED_MARGIN: row[schema.NORMALIZED_SMOOTHED_MARGIN] if homogeneous else None,
-        schema.BETA: row.get(schema.BETA) if homogeneous else None,
-        schema.PATH_LENGTH: state.path_length,
-        "homogeneity_degree": problem.degree,
-        "steps": state.steps,
-        schema.GRAD_EVALS: state.grad_evals,
-        schema.REJECTED_STEPS: state.rejected_steps,
-        schema.WALL_SECONDS: state.wall_seconds,
-        "dynamics": describe_dynamics(config),
-        "faithful_to_flow": bool(dynamics.faithful_to_flow),
-        "stop_reason": state.stop_reason,
-        "stop_message": state.stop_message,
-        "first_separable_step": state.first_separable_step,
-        "first_separable_ln_n_over_L": state.first_separable_ln,
-        "assumption_2_3_step": state.below_loss_at_zero_step,
-    })
+    summary = {
+        key: row.get(key)
+        for key in (
+            schema.LN_N_OVER_L,
+            schema.LOG_RISK,
+            schema.SMOOTHED_MARGIN,
+            schema.ALIGNMENT_COS,
+            schema.PARAM_NORM,
+            schema.TRAIN_ACCURACY,
+        )
+    }
+    summary.update(
+        {
+            schema.MIN_NORMALIZED_MARGIN: row[schema.MIN_NORMALIZED_MARGIN] if homogeneous else None,
+            schema.NORMALIZED_SMOOTHED_MARGIN: row[schema.NORMALIZED_SMOOTHED_MARGIN] if homogeneous else None,
+            schema.BETA: row.get(schema.BETA) if homogeneous else None,
+            schema.PATH_LENGTH: state.path_length,
+            "homogeneity_degree": problem.degree,
+            "steps": state.steps,
+            schema.GRAD_EVALS: state.grad_evals,
+            schema.REJECTED_STEPS: state.rejected_steps,
+            schema.WALL_SECONDS: state.wall_seconds,
+            "dynamics": describe_dynamics(config, problem.model),
+            "faithful_to_flow": bool(dynamics.faithful_to_flow),
+            "stop_reason": state.stop_reason,
+            "stop_message": state.stop_message,
+            "first_separable_step": state.first_separable_step,
+            "first_separable_ln_n_over_L": state.first_separable_ln,
+            "assumption_2_3_step": state.below_loss_at_zero_step,
+        }
+    )
+    summary.update(dynamics.report())  # a dynamics' own counters (the sliding flow's events)
     for milestone in schema.ALIGNMENT_MILESTONES:
         summary[schema.milestone_key(milestone)] = state.milestones.get(f"{milestone:g}")
     schema.check_summary(experiment.name, summary)

@@ -1,6 +1,6 @@
 """Where and how a run computes: seed, dtype, device, threads, data parallelism, loss.
 
-    python -c "from diralign.runtime import RuntimeOptions; print(RuntimeOptions())"
+python -c "from diralign.runtime import RuntimeOptions; print(RuntimeOptions())"
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class ProblemOptions(Options):
     loss: str = option("logistic", "logistic, exp (binary) or cross-entropy (multi-class)")
     chunk_size: int = option(0, "examples per forward/backward chunk, for bounded memory (0: all at once)")
     pieces: int = option(
-        0, "evaluate the data in this many contiguous pieces combined in order (the run's arithmetic, fixed when it "
-        "starts: 0 means one per process of that launch), so that any number of processes gives the same bits"
+        0,
+        "evaluate the data in this many contiguous pieces combined in order (the run's arithmetic, fixed when it "
+        "starts: 0 means one per process of that launch), so that any number of processes gives the same bits",
     )
 
     def validate(self) -> None:

@@ -113,7 +113,9 @@ def best_linear_margin(X: torch.Tensor, y: torch.Tensor, multiclass: bool, class
                 columns += [labels[i] * d + ar, j * d + ar, [cols]]
                 values += [-F[i], F[i], [1.0]]
                 r += 1
-        A_ub = coo_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(r, cols + 1)).tocsr()
+        A_ub = coo_matrix(
+            (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(r, cols + 1)
+        ).tocsr()
     cost = np.zeros(cols + 1)
     cost[-1] = -1.0
     bounds = [(-1.0, 1.0)] * cols + [(None, 1.0)]
@@ -137,7 +139,9 @@ def check_separable(problem) -> None:
         )
     model = problem.model
     flattens = isinstance(model, nn.Sequential) and isinstance(model[0], nn.Flatten)
-    if not is_linear_predictor(model) or (X.ndim != 2 and not flattens and not getattr(model, "linear_in_input", False)):
+    if not is_linear_predictor(model) or (
+        X.ndim != 2 and not flattens and not getattr(model, "linear_in_input", False)
+    ):
         return  # (a bare nn.Linear on [n, C, H, W] maps the last axis only: not x -> M x)
     classes = 0
     if problem.multiclass:

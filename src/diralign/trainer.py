@@ -47,10 +47,13 @@ class GoalOptions(Options):
         None, "wall-clock budget per invocation, honoured inside long steps (diralign resume gets as long again)"
     )
     stall_seconds: float = option(
-        60.0, "stop (stop_reason stalled) when ln(n/L) stops rising over doubling windows of training time at least "
-        "this long (diralign.stall); 0: never"
+        60.0,
+        "stop (stop_reason stalled) when ln(n/L) stops rising over doubling windows of training time at least "
+        "this long (diralign.stall); 0: never",
     )
-    stall_tolerance: float = option(1e-3, "a window's rise of ln(n/L) at most this times max(1, ln(n/L)) is no progress")
+    stall_tolerance: float = option(
+        1e-3, "a window's rise of ln(n/L) at most this times max(1, ln(n/L)) is no progress"
+    )
 
     def validate(self) -> None:
         target = self.target_ln_n_over_L
@@ -58,8 +61,12 @@ class GoalOptions(Options):
             raise UserError(f"target_ln_n_over_L must be a finite number, got {target}")
         if self.max_steps < 0:
             raise UserError(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.max_wall_seconds is not None and not (self.max_wall_seconds > 0 and math.isfinite(self.max_wall_seconds)):
-            raise UserError(f"max_wall_seconds must be a positive number of seconds (or none), got {self.max_wall_seconds}")
+        if self.max_wall_seconds is not None and not (
+            self.max_wall_seconds > 0 and math.isfinite(self.max_wall_seconds)
+        ):
+            raise UserError(
+                f"max_wall_seconds must be a positive number of seconds (or none), got {self.max_wall_seconds}"
+            )
         if not (self.stall_seconds >= 0 and math.isfinite(self.stall_seconds)):
             raise UserError(f"stall_seconds must be >= 0 seconds (0: never stop on a stall), got {self.stall_seconds}")
         if not (self.stall_tolerance >= 0 and math.isfinite(self.stall_tolerance)):
@@ -75,6 +82,11 @@ class LoggingOptions(Options):
     checkpoint_every_seconds: float = option(30.0, "checkpoint at least this often (seconds of training)")
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: time-based only)")
     tensorboard: bool = option(False, "also write TensorBoard events into DIR/tensorboard/ as the run goes")
+    sharpness: bool = option(
+        False,
+        "log the top Hessian eigenvalue of log L at log points (warm-started Lanczos; its "
+        "Hessian-vector products, 2 gradient evaluations each, count in grad_evals)",
+    )
 
     def validate(self) -> None:
         if not (self.log_every_ln >= 0 and math.isfinite(self.log_every_ln)):
@@ -139,8 +151,18 @@ class TrainState:
 
 
 _SCALAR_FIELDS = (
-    "steps", "grad_evals", "rejected_steps", "wall_seconds", "path_length", "next_log_ln", "next_log_step",
-    "last_logged_step", "first_separable_step", "first_separable_ln", "below_loss_at_zero_step", "stop_reason",
+    "steps",
+    "grad_evals",
+    "rejected_steps",
+    "wall_seconds",
+    "path_length",
+    "next_log_ln",
+    "next_log_step",
+    "last_logged_step",
+    "first_separable_step",
+    "first_separable_ln",
+    "below_loss_at_zero_step",
+    "stop_reason",
 )
 
 
@@ -239,9 +261,19 @@ class Trainer:
     asked to land on each, so the value does not depend on the run's target.
     """
 
-    def __init__(self, problem: Problem, dynamics: Dynamics, goals: GoalOptions, logging: LoggingOptions,
-                 store=None, callbacks=(), coordinator: Optional[Coordinator] = None, instruments: bool = True,
-                 milestones=schema.ALIGNMENT_MILESTONES, stall_goal: bool = True):
+    def __init__(
+        self,
+        problem: Problem,
+        dynamics: Dynamics,
+        goals: GoalOptions,
+        logging: LoggingOptions,
+        store=None,
+        callbacks=(),
+        coordinator: Optional[Coordinator] = None,
+        instruments: bool = True,
+        milestones=schema.ALIGNMENT_MILESTONES,
+        stall_goal: bool = True,
+    ):
         self.problem = problem
         self.dynamics = dynamics
         self.goals = goals
@@ -260,21 +292,36 @@ class Trainer:
         for key in self.groups:
             self.columns += [schema.share_column(key), schema.block_alignment_column(key)]
         self.store_directions = problem.dim <= int(logging.store_directions_max_params)
+        self.sharpness = None
+        if logging.sharpness:
+            from .sharpness import Sharpness
+
+            self.sharpness = Sharpness(problem)
+            self.columns.append(schema.SHARPNESS)
         self.session_wall_start = 0.0
         dynamics.log_spacing = self.log_spacing
 
     # -- rows ----------------------------------------------------------------------------
     def make_row(self, state: TrainState) -> dict:
         row = probes.panel(self.problem, state.w, state.ev, self.problem.degree)
-        row.update({
-            schema.STEP: state.steps,
-            schema.GRAD_EVALS: state.grad_evals,
-            schema.REJECTED_STEPS: state.rejected_steps,
-            schema.WALL_SECONDS: state.wall_seconds,
-            schema.PATH_LENGTH: state.path_length,
-        })
+        row.update(
+            {
+                schema.STEP: state.steps,
+                schema.GRAD_EVALS: state.grad_evals,
+                schema.REJECTED_STEPS: state.rejected_steps,
+                schema.WALL_SECONDS: state.wall_seconds,
+                schema.PATH_LENGTH: state.path_length,
+            }
+        )
         if state.ev.grad is not None:
-            row.update(probes.block_panel(self.problem, state.w, state.ev.grad, self.groups, row.get(schema.ALIGNMENT_COS)))
+            row.update(
+                probes.block_panel(self.problem, state.w, state.ev.grad, self.groups, row.get(schema.ALIGNMENT_COS))
+            )
+        if self.sharpness is not None:
+            value, cost = self.sharpness.measure(state.w)
+            state.grad_evals += cost
+            row[schema.SHARPNESS] = value
+            row[schema.GRAD_EVALS] = state.grad_evals
         return row
 
     def _full_evaluation(self, state: TrainState) -> None:
@@ -305,11 +352,13 @@ class Trainer:
         self.coordinator.check_in_sync(state)
         if self.store is None:
             return
-        self.store.save_checkpoint({
-            schema.CKPT_STATE: state.to_payload(),
-            schema.CKPT_DYNAMICS: self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
-            schema.CKPT_POSITIONS: self.store.positions(),
-        })
+        self.store.save_checkpoint(
+            {
+                schema.CKPT_STATE: state.to_payload(),
+                schema.CKPT_DYNAMICS: self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
+                schema.CKPT_POSITIONS: self.store.positions(),
+            }
+        )
 
     def goal_reached(self, state: TrainState, s: float) -> Optional[str]:
         if s >= self.target:
@@ -360,7 +409,9 @@ class Trainer:
         self.session_wall_start = wall_at_start
         last_checkpoint = start
         state.stop_reason = state.stop_message = None  # a resumed run's last reason no longer holds
-        watch = StallWatch(self.goals.stall_seconds if self.stall_goal else 0.0, self.goals.stall_tolerance, state.stall, n)
+        watch = StallWatch(
+            self.goals.stall_seconds if self.stall_goal else 0.0, self.goals.stall_tolerance, state.stall, n
+        )
         direction = direction_of = None  # W/||W|| and the W it belongs to (path length)
 
         def clock() -> float:
@@ -410,7 +461,9 @@ class Trainer:
                         state.wall_seconds = clock()
                         if aborted.reason == "signal":
                             self.checkpoint(state)
-                            raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank") from None
+                            raise Interrupted(
+                                signal.Signals(flag.signum).name if flag.signum else "a signal to another rank"
+                            ) from None
                         state.stop_reason = aborted.reason
                         state.stop_message = watch.message if aborted.reason == "stalled" else None
                         break
@@ -424,12 +477,15 @@ class Trainer:
                     state.path_length += float((direction - old_direction).norm())
                     watch.observe_s(math.log(n) - state.ev.log_risk)
                     now = time.perf_counter()
-                    due = (every_steps > 0 and state.steps % every_steps == 0) or (now - last_checkpoint >= every_seconds)
+                    due = (every_steps > 0 and state.steps % every_steps == 0) or (
+                        now - last_checkpoint >= every_seconds
+                    )
                     # Every process must branch alike: one clock, one checkpoint decision, and a
                     # stop if any process was signalled or saw the run stall.
                     wall = wall_at_start + (now - start)
                     state.wall_seconds, due, stop, stalled = self.coordinator.agree(
-                        wall, due, flag.signum is not None, watch.stalled(wall))
+                        wall, due, flag.signum is not None, watch.stalled(wall)
+                    )
                     for cb in self.callbacks:
                         cb.on_step(self, state)
                     if state.stop_reason is not None:  # a callback's own goal (a benchmark's caps)
@@ -439,7 +495,9 @@ class Trainer:
                         last_checkpoint = time.perf_counter()
                     if stop:
                         self.checkpoint(state)
-                        raise Interrupted(signal.Signals(flag.signum).name if flag.signum else "a signal to another rank")
+                        raise Interrupted(
+                            signal.Signals(flag.signum).name if flag.signum else "a signal to another rank"
+                        )
                     if stalled:
                         state.stop_reason = "stalled"
                         state.stop_message = watch.message or "the risk has stalled on another process's clock"

@@ -45,22 +45,47 @@ class Profile:
     cases: dict = field(default_factory=dict)  # case -> run overrides (or sigma_end for the counterexample)
 
 
-QUICK = Profile("quick", {
-    "deep-linear": FLOW + ["n=30", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=10000"],
-    "srelu": FLOW + ["n=20", "width=20", "target_ln_n_over_L=10000", "lp_grid_points=1000", "lp_certificate_step=0.02"],
-    "relu": GD + ["n=20", "width=20", "target_ln_n_over_L=100"],
-    "fig1": FLOW + ["n=20", "width=40", "target_ln_n_over_L=10000", "ntk_target_ln_n_over_L=20", "surface_resolution=5", "contour_resolution=11"],
-    "h-alexnet": GD + ["model=h-alexnet", "subset=30", "dtype=float64", "target_ln_n_over_L=100", "loss=cross-entropy"],
-    "counterexample": 1e6,
-})
-FULL = Profile("full", {
-    "deep-linear": FLOW + ["n=60", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=100000"],
-    "srelu": FLOW + ["n=40", "width=40", "target_ln_n_over_L=100000"],
-    "relu": GD + ["n=40", "width=40", "target_ln_n_over_L=300"],
-    "fig1": FLOW + ["n=100", "width=1000", "target_ln_n_over_L=10000", "ntk_target_ln_n_over_L=100", "surface_resolution=9", "contour_resolution=21"],
-    "h-alexnet": GD + ["model=h-alexnet", "subset=60", "dtype=float64", "target_ln_n_over_L=500", "loss=cross-entropy"],
-    "counterexample": 1e8,
-})
+QUICK = Profile(
+    "quick",
+    {
+        "deep-linear": FLOW + ["n=30", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=10000"],
+        "srelu": FLOW
+        + ["n=20", "width=20", "target_ln_n_over_L=10000", "lp_grid_points=1000", "lp_certificate_step=0.02"],
+        "relu": GD + ["n=20", "width=20", "target_ln_n_over_L=100"],
+        "fig1": FLOW
+        + [
+            "n=20",
+            "width=40",
+            "target_ln_n_over_L=10000",
+            "ntk_target_ln_n_over_L=20",
+            "surface_resolution=5",
+            "contour_resolution=11",
+        ],
+        "h-alexnet": GD
+        + ["model=h-alexnet", "subset=30", "dtype=float64", "target_ln_n_over_L=100", "loss=cross-entropy"],
+        "counterexample": 1e6,
+    },
+)
+FULL = Profile(
+    "full",
+    {
+        "deep-linear": FLOW + ["n=60", "layer_scales=1.5,1,0.5", "target_ln_n_over_L=100000"],
+        "srelu": FLOW + ["n=40", "width=40", "target_ln_n_over_L=100000"],
+        "relu": GD + ["n=40", "width=40", "target_ln_n_over_L=300"],
+        "fig1": FLOW
+        + [
+            "n=100",
+            "width=1000",
+            "target_ln_n_over_L=10000",
+            "ntk_target_ln_n_over_L=100",
+            "surface_resolution=9",
+            "contour_resolution=21",
+        ],
+        "h-alexnet": GD
+        + ["model=h-alexnet", "subset=60", "dtype=float64", "target_ln_n_over_L=500", "loss=cross-entropy"],
+        "counterexample": 1e8,
+    },
+)
 # Longest first, so two workers finish together.
 ORDER = ("h-alexnet", "srelu", "fig1", "deep-linear", "relu", "counterexample")
 
@@ -95,8 +120,14 @@ def _run_case(name: str, setting, workdir: str, integrator: str) -> list[dict]:
     return out
 
 
-def run_verify(profile: Profile, workdir: Path, jobs: int = 2, cases: Optional[list[str]] = None, progress=None,
-               integrator: Optional[str] = None) -> list[dict]:
+def run_verify(
+    profile: Profile,
+    workdir: Path,
+    jobs: int = 2,
+    cases: Optional[list[str]] = None,
+    progress=None,
+    integrator: Optional[str] = None,
+) -> list[dict]:
     names = [c for c in ORDER if cases is None or c in cases]
     integrator = integrator or default_integrator()
     results: dict[str, list[dict]] = {}
@@ -109,7 +140,9 @@ def run_verify(profile: Profile, workdir: Path, jobs: int = 2, cases: Optional[l
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {name: pool.submit(_run_case, name, profile.cases[name], str(workdir), integrator) for name in names}
+            futures = {
+                name: pool.submit(_run_case, name, profile.cases[name], str(workdir), integrator) for name in names
+            }
             for name in names:
                 results[name] = futures[name].result()
                 if progress:
@@ -143,7 +176,16 @@ def format_table(rows: list[dict], width: int = 160) -> str:
     """The verdict table, then numbered notes (for every row)."""
     headers = ("#", "source: claim", "case", "quantity", "predicted", "measured", "tolerance", "verdict")
     cells = [
-        (str(i + 1), f"{r['source']}: {r['claim']}", r["case"], r["quantity"], r["predicted"], _fmt(r["measured"]), r["tolerance"], r["status"])
+        (
+            str(i + 1),
+            f"{r['source']}: {r['claim']}",
+            r["case"],
+            r["quantity"],
+            r["predicted"],
+            _fmt(r["measured"]),
+            r["tolerance"],
+            r["status"],
+        )
         for i, r in enumerate(rows)
     ]
     limits = (3, 50, 22, 30, 26, 9, 34, 7)
@@ -161,7 +203,9 @@ def format_table(rows: list[dict], width: int = 160) -> str:
     lines.append("notes:")
     for i, r in enumerate(rows):
         text = f"{r['source']}: {r['claim']} [{r['case']}]: predicted {r['predicted']}; tolerance {r['tolerance']}. {r['note']}"
-        lines.append(textwrap.fill(text, width=min(width, 110), initial_indent=f"{i + 1:>3}. ", subsequent_indent="     "))
+        lines.append(
+            textwrap.fill(text, width=min(width, 110), initial_indent=f"{i + 1:>3}. ", subsequent_indent="     ")
+        )
     counts = {status: sum(r["status"] == status for r in rows) for status in (PASS, FAIL, "INFO", MISSING)}
     lines.append("")
     lines.append(" ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -200,7 +244,10 @@ def main(args) -> int:
             print(f"  {name}: {len(rows)} rows in {seconds:.0f} s", flush=True)
 
     if not args.quiet:
-        print(f"diralign verify ({profile.name}): running {len(only or ORDER)} cases on {args.jobs} worker(s), flow integrator {integrator}...", flush=True)
+        print(
+            f"diralign verify ({profile.name}): running {len(only or ORDER)} cases on {args.jobs} worker(s), flow integrator {integrator}...",
+            flush=True,
+        )
     if args.keep:
         workdir.mkdir(parents=True, exist_ok=True)
         rows = run_verify(profile, workdir, args.jobs, only, progress, integrator)
@@ -209,8 +256,16 @@ def main(args) -> int:
             rows = run_verify(profile, Path(tmp), args.jobs, only, progress, integrator)
     seconds = time.perf_counter() - start
     print(format_table(rows))
-    print(f"{profile.name} profile, flow integrator {integrator}, {seconds:.0f} s wall on {os.cpu_count()} cores ({args.jobs} workers)")
+    print(
+        f"{profile.name} profile, flow integrator {integrator}, {seconds:.0f} s wall on {os.cpu_count()} cores ({args.jobs} workers)"
+    )
     if args.json:
-        payload = {"profile": profile.name, "integrator": integrator, "wall_seconds": seconds, "jobs": args.jobs, "rows": rows}
+        payload = {
+            "profile": profile.name,
+            "integrator": integrator,
+            "wall_seconds": seconds,
+            "jobs": args.jobs,
+            "rows": rows,
+        }
         Path(args.json).write_text(json.dumps(payload, indent=1, allow_nan=False))
     return 1 if any(r["status"] == FAIL for r in rows) else 0

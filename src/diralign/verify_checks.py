@@ -102,7 +102,9 @@ class RunData(Run):
     @cached_property
     def directions(self) -> Optional[np.ndarray]:
         directions = self.array(schema.DIRECTIONS)
-        return None if directions is None or len(directions) < len(self.log) else np.asarray(directions, dtype=np.float64)
+        return (
+            None if directions is None or len(directions) < len(self.log) else np.asarray(directions, dtype=np.float64)
+        )
 
     @property
     def target(self) -> float:
@@ -190,7 +192,9 @@ def decades_of(run: RunData) -> Decades:
 
 def too_short(claim, source, case, run: RunData) -> Row:
     d = decades_of(run)
-    return missing_row(claim, source, case, f"run too short for the decade test: s_a = {d.s_a:.3g}, S = {d.S:.3g} (need S > 10 s_a)")
+    return missing_row(
+        claim, source, case, f"run too short for the decade test: s_a = {d.s_a:.3g}, S = {d.S:.3g} (need S > 10 s_a)"
+    )
 
 
 def path_length_plateau(run: RunData, case: str) -> Row:
@@ -212,11 +216,21 @@ def path_length_plateau(run: RunData, case: str) -> Row:
     note += f"; {d.rate(ratio)}; a bounded part of W would give s^({-1 / run.degree:+.2f}) (-1/k)" if run.degree else ""
     if not run.faithful:
         status = INFO
-        note += (f"; dynamics {run.summary.get('dynamics')}: Thm 3.1 is about the flow, and the paper leaves discrete methods open "
-                 "(Sec. 5); zeta here sums chords between logged directions")
+        note += (
+            f"; dynamics {run.summary.get('dynamics')}: Thm 3.1 is about the flow, and the paper leaves discrete methods open "
+            "(Sec. 5); zeta here sums chords between logged directions"
+        )
     return Row(
-        claim, source, case, "path-length growth: last decade / first decade of ln(n/L)", "-> 0 (plateau)", ratio, d.describe(),
-        status, note, {"first_decade": first, "last_decade": last, "s_a": d.s_a, "S": d.S, "path_length": float(path[-1])},
+        claim,
+        source,
+        case,
+        "path-length growth: last decade / first decade of ln(n/L)",
+        "-> 0 (plateau)",
+        ratio,
+        d.describe(),
+        status,
+        note,
+        {"first_decade": first, "last_decade": last, "s_a": d.s_a, "S": d.S, "path_length": float(path[-1])},
     )
 
 
@@ -238,8 +252,16 @@ def margins_converge(run: RunData, case: str) -> Row:
         status = INFO
         note += f"; dynamics {run.summary.get('dynamics')} (Cor 3.2 is about the flow)"
     return Row(
-        claim, source, case, "max_i |change of q_i|: last decade / first decade", "-> 0", ratio, d.describe(),
-        status, note, {"first_decade": first, "last_decade": last},
+        claim,
+        source,
+        case,
+        "max_i |change of q_i|: last decade / first decade",
+        "-> 0",
+        ratio,
+        d.describe(),
+        status,
+        note,
+        {"first_decade": first, "last_decade": last},
     )
 
 
@@ -272,8 +294,16 @@ def alignment(run: RunData, case: str, applies: bool = True, why_not: str = "") 
         status = INFO
         note += "; measured at discrete iterates, whose alignment carries step-size noise (README)"
     return Row(
-        claim, source, case, "tan^2(angle) at the end", "-> 0", tan2,
-        f"<= Lyu-Li budget B = {budget:.3g} (last decade)", status, note, {"cos": cos, "budget": budget},
+        claim,
+        source,
+        case,
+        "tan^2(angle) at the end",
+        "-> 0",
+        tan2,
+        f"<= Lyu-Li budget B = {budget:.3g} (last decade)",
+        status,
+        note,
+        {"cos": cos, "budget": budget},
     )
 
 
@@ -292,9 +322,16 @@ def lyu_li_average(run: RunData, case: str) -> Row:
     average = float(np.trapezoid(tan2, log_norm) / (log_norm[-1] - log_norm[0]))
     budget = lyu_li_budget(run, run.s[mask][0], run.s[mask][-1])
     return Row(
-        claim, source, case, "ln||W||-average of tan^2 over the last decade", f"<= B = {budget:.3g}", average,
-        "<= B (trapezoid over log points; exact otherwise)", verdict(average <= budget),
-        f"{int(mask.sum())} log points; B is the budget ln(alpha~ ratio)/(k ln(norm ratio))", {"budget": budget},
+        claim,
+        source,
+        case,
+        "ln||W||-average of tan^2 over the last decade",
+        f"<= B = {budget:.3g}",
+        average,
+        "<= B (trapezoid over log points; exact otherwise)",
+        verdict(average <= budget),
+        f"{int(mask.sum())} log points; B is the budget ln(alpha~ ratio)/(k ln(norm ratio))",
+        {"budget": budget},
     )
 
 
@@ -316,9 +353,16 @@ def smoothed_margin_monotone(run: RunData, case: str) -> Row:
     worst = int(np.argmin(relative + allowance))
     ok = bool(np.all(relative >= -allowance))
     return Row(
-        claim, source, case, "smallest relative step of alpha~ between log points", ">= 0", float(relative.min()),
-        f">= -10 k rtol (steps between) = {-allowance[worst]:.1g}", verdict(ok),
-        f"{len(a)} log points after Assumption 2.3; alpha~ {a[0]:.4g} -> {a[-1]:.6g}", {},
+        claim,
+        source,
+        case,
+        "smallest relative step of alpha~ between log points",
+        ">= 0",
+        float(relative.min()),
+        f">= -10 k rtol (steps between) = {-allowance[worst]:.1g}",
+        verdict(ok),
+        f"{len(a)} log points after Assumption 2.3; alpha~ {a[0]:.4g} -> {a[-1]:.6g}",
+        {},
     )
 
 
@@ -335,14 +379,22 @@ def lemma_c5(run: RunData, case: str) -> Row:
     violation = np.maximum(alpha - beta, beta - alpha - upper) / scale
     worst = float(violation.max())
     return Row(
-        claim, source, case, "worst relative violation over log points", "<= 0", worst,
-        f"<= {LEMMA_C5_ROUNDING:g} (float64 rounding of <grad alpha, W>)", verdict(worst <= LEMMA_C5_ROUNDING),
+        claim,
+        source,
+        case,
+        "worst relative violation over log points",
+        "<= 0",
+        worst,
+        f"<= {LEMMA_C5_ROUNDING:g} (float64 rounding of <grad alpha, W>)",
+        verdict(worst <= LEMMA_C5_ROUNDING),
         f"{len(alpha)} log points; beta - alpha in [{(beta - alpha).min():.3g}, {(beta - alpha).max():.3g}], 2 ln n + 1 = {upper:.3g}",
         {},
     )
 
 
-def decaying_error(claim, source, case, quantity, run: RunData, error_at, floor: float, floor_why: str, note: str = "") -> Row:
+def decaying_error(
+    claim, source, case, quantity, run: RunData, error_at, floor: float, floor_why: str, note: str = ""
+) -> Row:
     """Decade test for an error that must tend to 0: ``e(S) < e(10 s_a)`` (it shrank over the
     run after the first decade), or ``e(S) <= floor`` (the references' own accuracy)."""
     d = decades_of(run)
@@ -354,7 +406,14 @@ def decaying_error(claim, source, case, quantity, run: RunData, error_at, floor:
     window = Decades(start, 10 * d.S)  # e(S) against e(10 s_a): log10(S / (10 s_a)) decades apart
     ok = e1 <= floor or ratio < DECADE_LIMIT
     return Row(
-        claim, source, case, quantity, "-> 0", e1, f"< e({start:.3g}) (shrinking) or <= {floor:g} ({floor_why})",
-        verdict(ok), (note + "; " if note else "") + f"e({start:.3g}) = {e0:.3g}, ratio {ratio:.3g}; {window.rate(ratio)}",
+        claim,
+        source,
+        case,
+        quantity,
+        "-> 0",
+        e1,
+        f"< e({start:.3g}) (shrinking) or <= {floor:g} ({floor_why})",
+        verdict(ok),
+        (note + "; " if note else "") + f"e({start:.3g}) = {e0:.3g}, ratio {ratio:.3g}; {window.rate(ratio)}",
         {"error_start": e0, "ratio": ratio},
     )

@@ -68,7 +68,9 @@ def settings_for(quick: bool, problems=None, cap=None) -> Settings:
 
         unknown = [p for p in problems if p not in CASES or p not in settings.references]
         if unknown:
-            raise UserError(f"unknown bench problem(s) {', '.join(unknown)}; choose from {', '.join(settings.references)}")
+            raise UserError(
+                f"unknown bench problem(s) {', '.join(unknown)}; choose from {', '.join(settings.references)}"
+            )
         settings.problems = tuple(problems)
     if cap is not None:
         if not cap > 0:
@@ -150,12 +152,23 @@ def main_from_args(args) -> int:
     suffix = "-quick" if settings.quick else ""
     json_path = Path(args.json) if args.json else out / f"results{suffix}.json"
     stem = None if args.no_figure else out / f"work_precision{suffix}"
-    command = "diralign " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("diralign") else "diralign bench"
-    results = run_bench(settings, json_path, stem, overhead=not args.no_overhead, command=command,
-                        log=(lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, flush=True)))
+    command = (
+        "diralign " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("diralign") else "diralign bench"
+    )
+    results = run_bench(
+        settings,
+        json_path,
+        stem,
+        overhead=not args.no_overhead,
+        command=command,
+        log=(lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, flush=True)),
+    )
     if not args.quiet:
         print(render(results))
-        print(f"results: {json_path}" + (f"; figures: {', '.join(results.get('figures', []))}" if results.get("figures") else ""))
+        print(
+            f"results: {json_path}"
+            + (f"; figures: {', '.join(results.get('figures', []))}" if results.get("figures") else "")
+        )
         for line in results["skipped"]:
             print(f"skipped: {line}")
     return 0

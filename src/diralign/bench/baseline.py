@@ -33,7 +33,9 @@ def tune_constant_eta(problem, w0, config, trial_steps: int, grid=ETA_GRID) -> d
     trials = {}
     for eta in grid:
         cfg = apply_overrides(config, ["dynamics=constant-gd", f"constant_gd_eta={eta!r}"])
-        out = follow("tune", problem, w0, make_dynamics(problem, cfg), [math.inf], time_cap=math.inf, eval_cap=trial_steps)
+        out = follow(
+            "tune", problem, w0, make_dynamics(problem, cfg), [math.inf], time_cap=math.inf, eval_cap=trial_steps
+        )
         ok = not out.stop_reason.startswith("failed") and math.isfinite(out.ln_n_over_L)
         trials[eta] = out.ln_n_over_L if ok else None
     finite = {eta: s for eta, s in trials.items() if s is not None}

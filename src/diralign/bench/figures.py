@@ -70,21 +70,58 @@ def plot_results(results: dict, stem: Path) -> list[Path]:
             trace = record["trace"]
             pairs = [(s, 1.0 - c) for s, c in zip(trace["ln_n_over_L"], trace["alignment_cos"]) if s > 0 and c == c]
             if pairs:
-                ax_cos.plot([p[0] for p in pairs], [max(p[1], ERROR_FLOOR) for p in pairs], "-", color=colours[label], lw=1.0, label=label)
+                ax_cos.plot(
+                    [p[0] for p in pairs],
+                    [max(p[1], ERROR_FLOOR) for p in pairs],
+                    "-",
+                    color=colours[label],
+                    lw=1.0,
+                    label=label,
+                )
         ref = section["reference"]["trace"]
         pairs = [(s, 1.0 - c) for s, c in zip(ref["ln_n_over_L"], ref["alignment_cos"]) if s > 0 and c == c]
         if pairs:
-            ax_cos.plot([p[0] for p in pairs], [max(p[1], ERROR_FLOOR) for p in pairs], "-", color="black", lw=2.5, alpha=0.5,
-                        label=f"reference {section['reference']['label']}", zorder=0)
+            ax_cos.plot(
+                [p[0] for p in pairs],
+                [max(p[1], ERROR_FLOOR) for p in pairs],
+                "-",
+                color="black",
+                lw=2.5,
+                alpha=0.5,
+                label=f"reference {section['reference']['label']}",
+                zorder=0,
+            )
         title = f"{case} (P = {section['parameters']}, n = {section['n']})"
-        ax_evals.set(xscale="log", yscale="log", xlabel="gradient evaluations", ylabel=r"direction error $\|\tilde W - \tilde W_{ref}\|$", title=title)
-        ax_wall.set(xscale="log", yscale="log", xlabel="wall seconds", ylabel="direction error", title=f"{case}: against wall time")
-        ax_cos.set(xscale="log", yscale="log", xlabel=r"$\ln(n/L)$", ylabel=r"$1 - \cos\theta$ (alignment reported)", title=f"{case}: alignment each dynamics reports")
+        ax_evals.set(
+            xscale="log",
+            yscale="log",
+            xlabel="gradient evaluations",
+            ylabel=r"direction error $\|\tilde W - \tilde W_{ref}\|$",
+            title=title,
+        )
+        ax_wall.set(
+            xscale="log",
+            yscale="log",
+            xlabel="wall seconds",
+            ylabel="direction error",
+            title=f"{case}: against wall time",
+        )
+        ax_cos.set(
+            xscale="log",
+            yscale="log",
+            xlabel=r"$\ln(n/L)$",
+            ylabel=r"$1 - \cos\theta$ (alignment reported)",
+            title=f"{case}: alignment each dynamics reports",
+        )
         for ax in axes[row]:
             ax.grid(True, which="major", alpha=0.3)
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
         # Colours are named in the third panel's legend; the first two name the markers.
-        handles = [Line2D([], [], color="gray", marker=m, ls="", label=f"ln(n/L) = {t}") for t, m in MARKERS.items() if t in section["reference"]["targets"]]
+        handles = [
+            Line2D([], [], color="gray", marker=m, ls="", label=f"ln(n/L) = {t}")
+            for t, m in MARKERS.items()
+            if t in section["reference"]["targets"]
+        ]
         ax_wall.legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.6)
         ax_cos.legend(fontsize=7, loc="lower left", framealpha=0.6)
     machine = results.get("machine", {})

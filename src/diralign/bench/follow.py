@@ -65,7 +65,9 @@ class Followed:
     rejected_steps: int = 0
     wall_seconds: float = 0.0
     ln_n_over_L: float = float("nan")  # how far it got
-    trace: dict = field(default_factory=lambda: {"ln_n_over_L": [], "alignment_cos": [], "grad_evals": [], "wall_seconds": []})
+    trace: dict = field(
+        default_factory=lambda: {"ln_n_over_L": [], "alignment_cos": [], "grad_evals": [], "wall_seconds": []}
+    )
     final_w: Optional[torch.Tensor] = None
     final_ev: Optional[Evaluation] = None
 
@@ -183,8 +185,12 @@ class _Follower(Callback):
         counters = self.counters(state)
         if s >= self.next_trace and math.isfinite(s):
             cos = cosine(w, -ev.grad) if ev.grad is not None else float("nan")
-            for key, value in (("ln_n_over_L", s), ("alignment_cos", cos), ("grad_evals", counters["grad_evals"]),
-                               ("wall_seconds", counters["wall"])):
+            for key, value in (
+                ("ln_n_over_L", s),
+                ("alignment_cos", cos),
+                ("grad_evals", counters["grad_evals"]),
+                ("wall_seconds", counters["wall"]),
+            ):
                 self.out.trace[key].append(float(value))
             self.next_trace = s * TRACE_GROWTH if s > 0 else s + 0.05
         while self.pending and s >= self.pending[0] - LANDED_RELATIVE * max(abs(self.pending[0]), 1.0):
@@ -226,9 +232,19 @@ def follow(
     targets = sorted(float(t) for t in targets)
     out = Followed(label=label)
     follower = _Follower(out, targets, time_cap, eval_cap)
-    goals = GoalOptions(target_ln_n_over_L=targets[-1] if targets else math.inf, max_steps=10**12, max_wall_seconds=None)
-    trainer = Trainer(problem, dynamics, goals, LoggingOptions(), callbacks=[follower], instruments=False,
-                      milestones=tuple(targets), stall_goal=False)
+    goals = GoalOptions(
+        target_ln_n_over_L=targets[-1] if targets else math.inf, max_steps=10**12, max_wall_seconds=None
+    )
+    trainer = Trainer(
+        problem,
+        dynamics,
+        goals,
+        LoggingOptions(),
+        callbacks=[follower],
+        instruments=False,
+        milestones=tuple(targets),
+        stall_goal=False,
+    )
     start = time.perf_counter()
     state = initial_state(problem, w0)
     state.wall_seconds = time.perf_counter() - start

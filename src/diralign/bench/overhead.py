@@ -114,11 +114,21 @@ class Instrumented:
             writer.publish()  # no set-up to protect: a benchmark's scratch directory
             self.store = _NoCheckpointStore(writer)
         self.goals = GoalOptions.from_config(config)
-        self.trainer = Trainer(problem, dynamics, self.goals, LoggingOptions.from_config(config), store=self.store,
-                               callbacks=experiment.callbacks(setup, config) if with_callbacks else [])
+        self.trainer = Trainer(
+            problem,
+            dynamics,
+            self.goals,
+            LoggingOptions.from_config(config),
+            store=self.store,
+            callbacks=experiment.callbacks(setup, config) if with_callbacks else [],
+        )
         if self.store is not None:
-            self.store.open_logs(self.trainer.columns, problem.n, problem.dim if self.trainer.store_directions else 0,
-                                 "<f8" if problem.dtype == torch.float64 else "<f4")
+            self.store.open_logs(
+                self.trainer.columns,
+                problem.n,
+                problem.dim if self.trainer.store_directions else 0,
+                "<f8" if problem.dtype == torch.float64 else "<f4",
+            )
         self.state = initial_state(problem, setup.w0.clone())
 
     def run(self, k: int) -> None:
@@ -177,7 +187,8 @@ class Bare:
         self.model = copy.deepcopy(problem.model)
         with torch.no_grad():
             for (_, p), view in zip(
-                [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], problem.unflatten(w0.clone()).values()
+                [(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+                problem.unflatten(w0.clone()).values(),
             ):
                 p.copy_(view)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -235,7 +246,9 @@ def stable_eta(problem, w0, steps: int, batch_size: int, seed: int) -> float:
         if all(math.isfinite(r) for r in risks) and all(b < a for a, b in zip([start, *risks], risks)):
             return eta
         eta *= 0.25
-    raise FloatingPointError("no fixed step lowers the risk at every step; the overhead benchmark cannot match the steps")
+    raise FloatingPointError(
+        "no fixed step lowers the risk at every step; the overhead benchmark cannot match the steps"
+    )
 
 
 STAGES = ("bare", "oracle", "probes", "logged", "instrumented")
@@ -277,8 +290,14 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
             "bare": Bare(problem, w0, eta, batch_size, seed),
             "oracle": OracleOnly(problem, w0, dynamics()),
             "probes": Instrumented(experiment, setup, config, dynamics(), False, None),
-            "logged": Instrumented(experiment, setup, dataclasses.replace(config, store_directions_max_params=0), dynamics(), False,
-                                   Path(tmp) / "no-directions"),
+            "logged": Instrumented(
+                experiment,
+                setup,
+                dataclasses.replace(config, store_directions_max_params=0),
+                dynamics(),
+                False,
+                Path(tmp) / "no-directions",
+            ),
             "instrumented": Instrumented(experiment, setup, config, dynamics(), False, Path(tmp) / "panel"),
         }
         if with_callbacks:
@@ -303,7 +322,9 @@ def measure_overhead(case: str, steps: int, chunk: int = 5, with_callbacks: bool
     difference = float((w_bare - w_inst).norm() / w_bare.norm())
     bare_wall, bare_cpu = totals["bare"]
     out = {
-        "dynamics": f"fixed-step sgd, batch {batch_size}, one epoch per step" if minibatch else "fixed-step gd on log L (full batch)",
+        "dynamics": f"fixed-step sgd, batch {batch_size}, one epoch per step"
+        if minibatch
+        else "fixed-step gd on log L (full batch)",
         "batch_size": batch_size,
         "n": problem.n,
         "parameters": problem.dim,

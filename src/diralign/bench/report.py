@@ -1,6 +1,6 @@
 """Markdown tables from a results JSON file (for benchmarks/RESULTS.md).
 
-    python -m diralign.bench.report benchmarks/results.json
+python -m diralign.bench.report benchmarks/results.json
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def _cos(value) -> str:
 def reach_table(case: str, section: dict) -> str:
     targets = [f"{t:g}" for t in section["targets"]]
     head = "| dynamics | " + " | ".join(f"ln(n/L) = {t}: evals / s" for t in targets) + " | furthest ln(n/L) (stop) |"
-    lines = [f"**{case}** (P = {section['parameters']}, n = {section['n']}, cap {section['time_cap_seconds']:g} s each)", "", head,
-             "|" + "---|" * (len(targets) + 2)]
+    lines = [
+        f"**{case}** (P = {section['parameters']}, n = {section['n']}, cap {section['time_cap_seconds']:g} s each)",
+        "",
+        head,
+        "|" + "---|" * (len(targets) + 2),
+    ]
     for label, record in section["dynamics"].items():
         cells = []
         for t in targets:
@@ -43,10 +47,13 @@ def reach_table(case: str, section: dict) -> str:
     if baseline and baseline.get("extrapolated", {}).get("fit"):
         est = baseline["extrapolated"]["log10_grad_evals"]
         limit = baseline.get("float64_limit", {})
-        lines += ["", f"constant-gd (eta = {baseline['eta_tuning']['eta']:.3g}, the best of a grid): extrapolated "
-                  + ", ".join(f"ln(n/L) = {t}: 10^{_num(v)} evals" for t, v in est.items() if v is not None)
-                  + f"; float64 rounds its updates away at ln(n/L) ~ {_num(limit.get('rounded_away_at_ln_n_over_L'), 4)}"
-                  + f" and exp(log L) underflows at {_num(limit.get('risk_underflows_at_ln_n_over_L'), 4)}."]
+        lines += [
+            "",
+            f"constant-gd (eta = {baseline['eta_tuning']['eta']:.3g}, the best of a grid): extrapolated "
+            + ", ".join(f"ln(n/L) = {t}: 10^{_num(v)} evals" for t, v in est.items() if v is not None)
+            + f"; float64 rounds its updates away at ln(n/L) ~ {_num(limit.get('rounded_away_at_ln_n_over_L'), 4)}"
+            + f" and exp(log L) underflows at {_num(limit.get('risk_underflows_at_ln_n_over_L'), 4)}.",
+        ]
     return "\n".join(lines)
 
 
@@ -62,7 +69,9 @@ def precision_table(case: str, section: dict) -> str:
             if not at or not at["reached"]:
                 cells.append("not reached")
             else:
-                cells.append(f"{_num(at['direction_error'])} / {_cos(at['alignment_cos'])} ({_cos(at['reference_alignment_cos'])})")
+                cells.append(
+                    f"{_num(at['direction_error'])} / {_cos(at['alignment_cos'])} ({_cos(at['reference_alignment_cos'])})"
+                )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     check = section.get("reference_check")
     if check:
@@ -72,8 +81,10 @@ def precision_table(case: str, section: dict) -> str:
 
 
 def overhead_table(overheads: dict) -> str:
-    lines = ["| problem | steps (rows logged) | bare s/step | oracle | + probes | + log, margins | + directions (= ratio) | ratio, CPU time | with experiment callbacks | same steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| problem | steps (rows logged) | bare s/step | oracle | + probes | + log, margins | + directions (= ratio) | ratio, CPU time | with experiment callbacks | same steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for case, o in overheads.items():
         if "error" in o:
             lines.append(f"| {case} | {o['error']} ||||||||")
@@ -101,7 +112,9 @@ def acceptance_lines(acc: dict) -> str:
         )
     overhead = acc.get("fig1_instrument_overhead")
     if overhead:
-        lines.append(f"- Fig. 1 instrument overhead {_num(overhead['ratio'])} (target <= 1.10) -> {'MET' if overhead['met'] else 'MISSED'}")
+        lines.append(
+            f"- Fig. 1 instrument overhead {_num(overhead['ratio'])} (target <= 1.10) -> {'MET' if overhead['met'] else 'MISSED'}"
+        )
     return "\n".join(lines)
 
 
@@ -113,7 +126,12 @@ def render(results: dict) -> str:
     for case, section in results["problems"].items():
         parts += [precision_table(case, section), ""]
     if results.get("instrument_cost"):
-        parts += ["### Instrument cost (wall time, instrumented / bare)", "", overhead_table(results["instrument_cost"]), ""]
+        parts += [
+            "### Instrument cost (wall time, instrumented / bare)",
+            "",
+            overhead_table(results["instrument_cost"]),
+            "",
+        ]
     parts += ["### Acceptance", "", acceptance_lines(results.get("acceptance", {})), ""]
     return "\n".join(parts)
 

@@ -51,10 +51,12 @@ class Settings:
     # per problem: (integrator, rtol, targets) of the reference flow.  Deep linear: the
     # explicit dopri5, independent of the CVODE contenders it judges; Fig. 1: only CVODE
     # gets to 1000 (the explicit method needs ~1e3 evaluations per unit of ln(n/L) there).
-    references: dict = field(default_factory=lambda: {
-        "deep-linear": ("dopri5", 1e-10, (10.0, 30.0, 100.0, 1000.0)),
-        "fig1-width1000": ("cvode", 1e-10, (10.0, 30.0, 100.0, 1000.0)),
-    })
+    references: dict = field(
+        default_factory=lambda: {
+            "deep-linear": ("dopri5", 1e-10, (10.0, 30.0, 100.0, 1000.0)),
+            "fig1-width1000": ("cvode", 1e-10, (10.0, 30.0, 100.0, 1000.0)),
+        }
+    )
     time_cap: float = 180.0  # seconds per contender per problem
     eval_cap: Optional[int] = None  # and/or gradient evaluations (deterministic, for tests)
     reference_cap: float = 1800.0
@@ -99,7 +101,13 @@ def _run(label, problem, w0, config, overrides, targets, cap) -> Followed:
 def _target_record(out: Followed, target: float, reference: Followed | None) -> dict:
     m = out.matched.get(target)
     if m is None:
-        return {"reached": False, "grad_evals": None, "wall_seconds": None, "direction_error": None, "alignment_cos": None}
+        return {
+            "reached": False,
+            "grad_evals": None,
+            "wall_seconds": None,
+            "direction_error": None,
+            "alignment_cos": None,
+        }
     ref = reference.matched.get(target) if reference is not None else None
     record = {
         "reached": True,
@@ -185,7 +193,15 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
         log(f"[{case}] {contender.label} (cap {settings.time_cap:g} s)")
         cfg = apply_overrides(config, overrides)
         dynamics = make_dynamics(problem, cfg)
-        out = follow(contender.label, problem, w0, dynamics, settings.targets, time_cap=settings.time_cap, eval_cap=settings.eval_cap)
+        out = follow(
+            contender.label,
+            problem,
+            w0,
+            dynamics,
+            settings.targets,
+            time_cap=settings.time_cap,
+            eval_cap=settings.eval_cap,
+        )
         record = {
             "overrides": overrides,
             "faithful_to_flow": bool(dynamics.faithful_to_flow),
@@ -195,12 +211,18 @@ def run_problem(case: str, settings: Settings, log=print) -> dict:
             **extra,
         }
         if contender.label == "constant-gd":
-            record["extrapolated"] = extrapolate_steps(out.trace, [t for t in sorted({30.0, *settings.targets}) if t not in out.matched])
-            record["float64_limit"] = float64_limit(problem, out.final_w, out.final_ev.grad, out.final_ev.log_risk, float(cfg.eta))
+            record["extrapolated"] = extrapolate_steps(
+                out.trace, [t for t in sorted({30.0, *settings.targets}) if t not in out.matched]
+            )
+            record["float64_limit"] = float64_limit(
+                problem, out.final_w, out.final_ev.grad, out.final_ev.log_risk, float(cfg.eta)
+            )
             record["stalled_steps"] = dynamics.stalled_steps
         section["dynamics"][contender.label] = record
         reached = [f"{t:g}" for t in settings.targets if t in out.matched]
-        log(f"    reached {', '.join(reached) or 'none'}; got to ln(n/L) = {out.ln_n_over_L:.4g} in {out.grad_evals} evals, {out.wall_seconds:.1f} s ({out.stop_reason})")
+        log(
+            f"    reached {', '.join(reached) or 'none'}; got to ln(n/L) = {out.ln_n_over_L:.4g} in {out.grad_evals} evals, {out.wall_seconds:.1f} s ({out.stop_reason})"
+        )
     return section
 
 

@@ -1,6 +1,6 @@
 """Binary data for the linear experiments: the built-in separable set or the user's ``.npz``.
 
-    python -c "import torch; from diralign.data import binary_data; print(binary_data('separable', 8, 2, 0.1, 0, torch.float64)[2])"
+python -c "import torch; from diralign.data import binary_data; print(binary_data('separable', 8, 2, 0.1, 0, torch.float64)[2])"
 """
 
 from __future__ import annotations

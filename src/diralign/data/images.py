@@ -56,9 +56,7 @@ def standardize_channels(images: np.ndarray, scale: float) -> tuple[np.ndarray, 
     Accumulated in float64 without a float copy of the array (CIFAR-10 is 150M pixels).
     """
     mean = images.mean(axis=(0, 2, 3), dtype=np.float64) / scale
-    mean_sq = np.stack(
-        [np.mean(np.square(images[:, c], dtype=np.float64)) for c in range(images.shape[1])]
-    ) / scale**2
+    mean_sq = np.stack([np.mean(np.square(images[:, c], dtype=np.float64)) for c in range(images.shape[1])]) / scale**2
     std = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
     return mean, np.where(std > 0, std, 1.0)
 
@@ -188,7 +186,9 @@ def npz_images(path, subset: int = 0, seed: int = 0, dtype=torch.float64) -> Ima
     return ImageData(X[torch.as_tensor(index)], y[index], num_classes, {"data": str(path), "n_available": int(len(y))})
 
 
-def load_images(name: str, *, data_root="data", download=False, subset=0, n=1000, seed=0, dtype=torch.float64) -> ImageData:
+def load_images(
+    name: str, *, data_root="data", download=False, subset=0, n=1000, seed=0, dtype=torch.float64
+) -> ImageData:
     """Dispatch on ``--set data=...``: a built-in source name, or a path to an ``.npz`` file."""
     if name == "cifar10":
         return cifar10(data_root, download=download, subset=subset, seed=seed, dtype=dtype)
@@ -221,7 +221,9 @@ def class_balanced_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.nd
     rng = np.random.default_rng(int(seed) + 1013)
     classes = np.unique(labels)
     if size < len(classes):
-        raise UserError(f"subset={size} is smaller than the {len(classes)} classes; a balanced subset needs at least one of each")
+        raise UserError(
+            f"subset={size} is smaller than the {len(classes)} classes; a balanced subset needs at least one of each"
+        )
     pools = [rng.permutation(np.flatnonzero(labels == c)) for c in rng.permutation(classes)]
     taken = []
     depth = 0

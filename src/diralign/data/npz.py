@@ -47,7 +47,9 @@ def validate_features(X: np.ndarray, source, feature_ndim: Optional[tuple] = (2,
     bad = ~np.isfinite(X)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
-        raise UserError(f"{source}: X contains NaN or inf ({int(bad.sum())} entries, first in row {row}); clean the data first")
+        raise UserError(
+            f"{source}: X contains NaN or inf ({int(bad.sum())} entries, first in row {row}); clean the data first"
+        )
     return X
 
 

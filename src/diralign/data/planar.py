@@ -56,7 +56,9 @@ def make_teacher(hidden: int, generator: torch.Generator, min_class_fraction: fl
         positive = float((values > 0).double().mean())
         if min_class_fraction <= positive <= 1.0 - min_class_fraction:
             return teacher
-    raise UserError(f"no teacher with both classes >= {min_class_fraction:.0%} of the square in {MAX_TEACHER_DRAWS} draws; lower teacher_min_class_fraction")
+    raise UserError(
+        f"no teacher with both classes >= {min_class_fraction:.0%} of the square in {MAX_TEACHER_DRAWS} draws; lower teacher_min_class_fraction"
+    )
 
 
 def planar_teacher(
@@ -109,7 +111,15 @@ def load_planar_npz(path, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tens
     return X.to(dtype), y.to(dtype)
 
 
-def planar_data(source: str, n: int, margin_threshold: float, seed: int, hidden: int = 8, dtype=torch.float64, min_class_fraction: float = 0.25):
+def planar_data(
+    source: str,
+    n: int,
+    margin_threshold: float,
+    seed: int,
+    hidden: int = 8,
+    dtype=torch.float64,
+    min_class_fraction: float = 0.25,
+):
     """``source`` is ``"teacher"`` (seeded) or an ``.npz`` path.  Returns ``(X2, y, info)``
     with the planar points ``X2 [n, 2]``; embed them with :func:`embed` for training."""
     if source == "teacher":

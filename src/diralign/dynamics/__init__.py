@@ -17,6 +17,7 @@ from .constant_gd import ConstantGDOptions, ConstantStepGD
 from .cvode import CvodeFlow, CvodeOptions
 from .flow import Dopri5Flow, FlowOptions
 from .gd import NormalizedGD, StepOptions
+from .kinked import SlidingFlow
 from .loss_based import LossBasedGD
 from .sgd import MinibatchSGD, SGDOptions
 
@@ -27,7 +28,7 @@ DYNAMICS = {
     "loss-based": LossBasedGD,
     "constant-gd": ConstantStepGD,
 }
-FLOW_INTEGRATORS = {"dopri5": Dopri5Flow, "cvode": CvodeFlow}
+FLOW_INTEGRATORS = {"dopri5": Dopri5Flow, "cvode": CvodeFlow, "sliding": SlidingFlow}
 
 
 @dataclass
@@ -48,15 +49,42 @@ OPTIONS = (DynamicsChoice, FlowOptions, CvodeOptions, StepOptions, SGDOptions, C
 def make_dynamics(problem, config) -> Dynamics:
     name = DynamicsChoice.from_config(config).dynamics
     if name == "flow":
-        return FLOW_INTEGRATORS[FlowOptions.from_config(config).integrator](problem, config)
+        return FLOW_INTEGRATORS[flow_integrator(problem.model, config)](problem, config)
     return DYNAMICS[name](problem, config)
 
 
-def describe_dynamics(config) -> str:
-    """What the summary's ``dynamics`` says: ``flow/cvode``, ``gd``, ..."""
+def flow_integrator(model, config) -> str:
+    """The flow integrator a run uses: ``integrator``, with ``auto`` resolved by the model.  A
+    model with ReLU / max-pool kinks (and no other kind) gets the sliding flow, whose
+    right-hand side is exact on switching surfaces; CVODE there chatters across them."""
+    integrator = FlowOptions.from_config(config).integrator
+    if integrator != "auto":
+        return integrator
+    from ..kinks import unsupported_kinks
+    from ..models.structure import nonsmooth_operations
+
+    kinked = bool(nonsmooth_operations(model))
+    return "sliding" if kinked and not unsupported_kinks(model) else "cvode"
+
+
+def describe_dynamics(config, model=None) -> str:
+    """What the summary's ``dynamics`` says: ``flow/cvode``, ``flow/sliding``, ``gd``, ..."""
     name = DynamicsChoice.from_config(config).dynamics
-    return f"{name}/{FlowOptions.from_config(config).integrator}" if name == "flow" else name
+    if name != "flow":
+        return name
+    integrator = flow_integrator(model, config) if model is not None else FlowOptions.from_config(config).integrator
+    return f"{name}/{integrator}"
 
 
-__all__ = ["DYNAMICS", "FLOW_INTEGRATORS", "OPTIONS", "Dynamics", "DynamicsChoice", "StepAborted", "StepResult",
-           "describe_dynamics", "make_dynamics"]
+__all__ = [
+    "DYNAMICS",
+    "FLOW_INTEGRATORS",
+    "OPTIONS",
+    "Dynamics",
+    "DynamicsChoice",
+    "StepAborted",
+    "StepResult",
+    "describe_dynamics",
+    "flow_integrator",
+    "make_dynamics",
+]

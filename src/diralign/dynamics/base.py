@@ -60,6 +60,10 @@ class Dynamics:
         self.problem = problem
         self.config = config
 
+    def report(self) -> dict:
+        """Summary keys of this dynamics' own (counters, events); none by default."""
+        return {}
+
     def check_abort(self) -> None:
         """Call between evaluations inside a step; raises :class:`StepAborted` when asked to stop."""
         if self.abort_requested is not None:

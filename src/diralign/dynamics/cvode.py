@@ -95,7 +95,9 @@ def output_spacing(s: float, log_spacing: float) -> float:
 class CvodeOptions(Options):
     SECTION = "dynamics: flow/cvode"
     cvode_segment: float = option(4.0, "segment length as a multiple of s (restart cost against replay on resume)")
-    cvode_jacobian: str = option("auto", "J*v by Hessian-vector products (hvp), difference quotients (dq), or dq early then hvp")
+    cvode_jacobian: str = option(
+        "auto", "J*v by Hessian-vector products (hvp), difference quotients (dq), or dq early then hvp"
+    )
     cvode_krylov_dim: int = option(20, "GMRES Krylov dimension")
 
     def validate(self) -> None:
@@ -286,7 +288,10 @@ class CvodeFlow(Dynamics):
         if self.hvp_ok is None:  # a one-off probe, not counted in grad_evals
             self.hvp_ok = self.system.hvp_works(self.segment["w0"])
             if not self.hvp_ok:
-                warnings.warn("cvode flow: the model cannot be differentiated twice; using difference quotients for J*v", stacklevel=2)
+                warnings.warn(
+                    "cvode flow: the model cannot be differentiated twice; using difference quotients for J*v",
+                    stacklevel=2,
+                )
         return self.hvp_ok
 
     def _log_spacing(self, target: Optional[float]) -> float:
@@ -370,7 +375,9 @@ class CvodeFlow(Dynamics):
             if not self._replay(w):
                 self._start(w, ev, target, end=seg["s1"])  # same grid end: the segmentation stays
                 seg = self.segment
-        elif seg is not None and not (self.solver is not None and self.last_w is not None and torch.equal(self.last_w, w)):
+        elif seg is not None and not (
+            self.solver is not None and self.last_w is not None and torch.equal(self.last_w, w)
+        ):
             seg = None  # called from another point than the one returned last
         if seg is None:
             self._start(w, ev, target)

@@ -27,13 +27,17 @@ from ..errors import UserError
 from ..options import Options, option
 from .base import Dynamics, StepResult, finite
 
-INTEGRATORS = ("cvode", "dopri5")
+INTEGRATORS = ("auto", "cvode", "dopri5", "sliding")
 
 
 @dataclass
 class FlowOptions(Options):
     SECTION = "dynamics: flow"
-    integrator: str = option("cvode", "cvode (BDF, stiff-aware, the default) or dopri5 (explicit reference)")
+    integrator: str = option(
+        "auto",
+        "auto (sliding for ReLU/max-pool models, else cvode), cvode (BDF, stiff-aware), dopri5 (explicit reference), "
+        "sliding (event-aware Filippov flow for kinks)",
+    )
     rtol: float = option(1e-6, "relative tolerance of the flow integrator")
     atol: float = option(1e-10, "absolute tolerance floor of the flow integrator")
 
@@ -42,6 +46,7 @@ class FlowOptions(Options):
             raise UserError(f"unknown integrator {self.integrator!r}; choose one of {', '.join(INTEGRATORS)}")
         if not (0 < self.rtol < 1) or not self.atol >= 0:
             raise UserError(f"rtol must be in (0, 1) and atol >= 0 (got rtol={self.rtol}, atol={self.atol})")
+
 
 # Dormand & Prince (1980) tableau.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)

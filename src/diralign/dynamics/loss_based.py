@@ -54,4 +54,6 @@ class LossBasedGD(Dynamics):
             rejected += 1
             self.alpha /= SHRINK
             if self.alpha * float(ev.grad.norm()) < 1e-300:
-                raise FloatingPointError("loss-based: the learning rate underflowed; the gradient is not a descent direction")
+                raise FloatingPointError(
+                    "loss-based: the learning rate underflowed; the gradient is not a descent direction"
+                )

@@ -57,7 +57,9 @@ class SGDOptions(Options):
         if self.batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {self.batch_size}")
         if self.accept_window < 1:
-            raise UserError(f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.accept_window}")
+            raise UserError(
+                f"accept_window must be >= 1 (1: every epoch must lower the risk), got {self.accept_window}"
+            )
 
 
 class MinibatchSGD(Dynamics):

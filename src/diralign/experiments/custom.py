@@ -36,11 +36,13 @@ RESUME_HINT = "a run started from Python with in-memory data resumes with dirali
 
 @dataclass
 class CustomConfig(TrainConfig):
-    model: str = option("", "package.module:factory or a registered name (\"in-memory\": Python API)")
-    data: str = option("separable", "\"separable\" or an .npz file with X [n, d] / [n, C, H, W] and y [n]")
+    model: str = option("", 'package.module:factory or a registered name ("in-memory": Python API)')
+    data: str = option("separable", '"separable" or an .npz file with X [n, d] / [n, C, H, W] and y [n]')
     n: int = option(60, "separable data only")
     d: int = option(6, "input dimension")
-    data_margin: float = option(0.1, "delete points closer to the separator than this (teacher standard deviations for planar data)")
+    data_margin: float = option(
+        0.1, "delete points closer to the separator than this (teacher standard deviations for planar data)"
+    )
     num_classes: int = option(0, "passed to the factory; 0: from the labels (2 for -1/+1 labels)")
     target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 100.0)
 
@@ -70,7 +72,9 @@ class CustomExperiment(Experiment):
     Config = CustomConfig
     description = "your own model (model=package.module:factory) on separable data or an .npz file"
 
-    def __init__(self, model: Optional[nn.Module] = None, X=None, y=None, config: Optional[CustomConfig] = None, info=None):
+    def __init__(
+        self, model: Optional[nn.Module] = None, X=None, y=None, config: Optional[CustomConfig] = None, info=None
+    ):
         self.model, self.X, self.y = model, X, y
         self.config = config
         self.info = dict(info or {})

@@ -28,10 +28,15 @@ class DeepLinearConfig(TrainConfig):
     data: str = option("separable", "the data set")
     n: int = option(60, "number of examples")
     d: int = option(6, "input dimension")
-    data_margin: float = option(0.1, "delete points closer to the separator than this (teacher standard deviations for planar data)")
+    data_margin: float = option(
+        0.1, "delete points closer to the separator than this (teacher standard deviations for planar data)"
+    )
     widths: tuple[int, ...] = option((8, 8), "hidden widths; depth = len(widths) + 1")
     init_scale: float = option(1.0, "Frobenius norm of every layer at initialisation")
-    layer_scales: tuple[float, ...] = option((), "per-layer Frobenius norms at init, A_1 first (empty: all init_scale).  Unbalanced layers show Lemma E.1's shares ||A_j||^2/||W||^2 -> 1/k (the flow conserves the gaps).")
+    layer_scales: tuple[float, ...] = option(
+        (),
+        "per-layer Frobenius norms at init, A_1 first (empty: all init_scale).  Unbalanced layers show Lemma E.1's shares ||A_j||^2/||W||^2 -> 1/k (the flow conserves the gaps).",
+    )
     target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 1000.0)
 
 
@@ -60,12 +65,18 @@ class DeepLinearExperiment(Experiment):
         model = DeepLinear(X.shape[1], config.widths, config.init_scale, generator=gen).to(dtype=dtype, device=device)
         if config.layer_scales:
             if len(config.layer_scales) != len(model.layers) or min(config.layer_scales) <= 0:
-                raise UserError(f"layer_scales needs {len(model.layers)} positive norms (one per layer), got {config.layer_scales}")
+                raise UserError(
+                    f"layer_scales needs {len(model.layers)} positive norms (one per layer), got {config.layer_scales}"
+                )
             with torch.no_grad():
                 for a, scale in zip(model.layers, config.layer_scales):
                     a.mul_(scale / a.norm())
         problem = Problem(
-            model, X.to(device), y.to(device), config.loss, degree=model.homogeneity_degree,
+            model,
+            X.to(device),
+            y.to(device),
+            config.loss,
+            degree=model.homogeneity_degree,
             chunk_size=config.chunk_size or None,
         )
         return Setup(problem, problem.flat_params(), info, {"X": X, "y": y, "model": model})

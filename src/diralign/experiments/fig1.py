@@ -61,8 +61,12 @@ class Fig1Config(TrainConfig):
     init_scale: float = option(1.0, "the network's output at init is O(init_scale^2), whatever the width")
     target_ln_n_over_L: float = inherit(TrainConfig, "target_ln_n_over_L", 100.0)
     batch_size: int = inherit(TrainConfig, "batch_size", 20)
-    ntk_dynamics: str = option("flow", "how the NTK model is trained: flow or gd (the paper's; slow, ~200 steps per unit ln(n/L))")
-    ntk_integrator: str = option("cvode", "flow integrator for the NTK: its linear late phase is stiff too (dopri5: ~30x the evaluations)")
+    ntk_dynamics: str = option(
+        "flow", "how the NTK model is trained: flow or gd (the paper's; slow, ~200 steps per unit ln(n/L))"
+    )
+    ntk_integrator: str = option(
+        "cvode", "flow integrator for the NTK: its linear late phase is stiff too (dopri5: ~30x the evaluations)"
+    )
     ntk_target_ln_n_over_L: float = option(1000.0, "the NTK training runs to here (its angle to the SVM ~ 1/s)")
     surface_resolution: int = option(25, "grid side of the surface logged at every log point")
     contour_resolution: int = option(121, "grid side of the snapshot contour plots")
@@ -113,11 +117,14 @@ class Fig1Recorder(Callback):
         surface_points = self.setup.extras["surface_points"]
         values = predict(ctx.problem, state.w, surface_points)
         normalised = values / float(state.w.norm()) ** 2  # f(x; W/||W||): 2-homogeneous
-        ctx.store.array_log(schema.SURFACES, surface_points.shape[0], "<f4").append(normalised.cpu().numpy().astype(np.float32))
+        ctx.store.array_log(schema.SURFACES, surface_points.shape[0], "<f4").append(
+            normalised.cpu().numpy().astype(np.float32)
+        )
 
 
-def write_snapshot(store, name: str, setup: Setup, weights, values: np.ndarray, s: float, step: int, kind: str,
-                   **more) -> None:
+def write_snapshot(
+    store, name: str, setup: Setup, weights, values: np.ndarray, s: float, step: int, kind: str, **more
+) -> None:
     extras = setup.extras
     store.write_npz(
         name,
@@ -158,9 +165,17 @@ def ntk_max_margin(setup: Setup, config, dtype) -> dict:
     problem = Problem(reduced, features @ basis, y, config.loss, degree=1)
     ntk_config = dataclasses.replace(config, dynamics=config.ntk_dynamics, integrator=config.ntk_integrator)
     # The NTK's own goals: its target, and the run's own step and time caps.
-    goals = dataclasses.replace(GoalOptions.from_config(config), target_ln_n_over_L=float(config.ntk_target_ln_n_over_L))
-    trainer = Trainer(problem, make_dynamics(problem, ntk_config), goals, LoggingOptions.from_config(config),
-                      instruments=False, milestones=())
+    goals = dataclasses.replace(
+        GoalOptions.from_config(config), target_ln_n_over_L=float(config.ntk_target_ln_n_over_L)
+    )
+    trainer = Trainer(
+        problem,
+        make_dynamics(problem, ntk_config),
+        goals,
+        LoggingOptions.from_config(config),
+        instruments=False,
+        milestones=(),
+    )
     start = time.perf_counter()
     state = trainer.train(initial_state(problem, problem.flat_params()))
     z, ev, steps, grad_evals = state.w, state.ev, state.steps, state.grad_evals
@@ -172,7 +187,11 @@ def ntk_max_margin(setup: Setup, config, dtype) -> dict:
         ntk.v.copy_(direction.reshape(weight0.shape))
         for name in ("contour_points", "surface_points"):
             points = extras[name].to(dtype)
-            values[name] = torch.cat([ntk(points[a : a + GRID_CHUNK]) for a in range(0, points.shape[0], GRID_CHUNK)]).double().numpy()
+            values[name] = (
+                torch.cat([ntk(points[a : a + GRID_CHUNK]) for a in range(0, points.shape[0], GRID_CHUNK)])
+                .double()
+                .numpy()
+            )
     return {
         "svm": svm,
         "v": v,
@@ -181,7 +200,8 @@ def ntk_max_margin(setup: Setup, config, dtype) -> dict:
             "ntk_svm_margin": svm.margin,
             "ntk_svm_cos": cos,
             "ntk_svm_support": int(len(svm.support)),
-            "ntk_dynamics": config.ntk_dynamics + (f"/{config.ntk_integrator}" if config.ntk_dynamics == "flow" else ""),
+            "ntk_dynamics": config.ntk_dynamics
+            + (f"/{config.ntk_integrator}" if config.ntk_dynamics == "flow" else ""),
             "ntk_min_normalized_margin": float(ev.margins.min()) / float(z.norm()),
             "ntk_ln_n_over_L": math.log(problem.n) - ev.log_risk,
             "ntk_stop_reason": state.stop_reason,
@@ -213,24 +233,40 @@ class Fig1Experiment(Experiment):
         if config.ntk_dynamics not in ("flow", "gd"):
             raise UserError(f"ntk_dynamics must be flow or gd, got {config.ntk_dynamics!r}")
         if config.ntk_dynamics == "flow" and config.ntk_integrator not in FLOW_INTEGRATORS:
-            raise UserError(f"unknown ntk_integrator {config.ntk_integrator!r}; choose one of {', '.join(FLOW_INTEGRATORS)}")
+            raise UserError(
+                f"unknown ntk_integrator {config.ntk_integrator!r}; choose one of {', '.join(FLOW_INTEGRATORS)}"
+            )
         if config.surface_resolution < 2 or config.contour_resolution < 2:
             raise UserError("surface_resolution and contour_resolution must be at least 2 grid points per side")
-        X2, y, info = planar_data(config.data, config.n, config.data_margin, config.seed, config.teacher_hidden, dtype=torch.float64)
+        X2, y, info = planar_data(
+            config.data, config.n, config.data_margin, config.seed, config.teacher_hidden, dtype=torch.float64
+        )
         X = embed(X2)
         gen = torch.Generator().manual_seed(config.seed + 1)
-        model = SquaredReLUNet(3, config.width, config.signs, config.init_scale, generator=gen).to(dtype=dtype, device=device)
-        problem = Problem(model, X.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device), config.loss,
-                          degree=model.homogeneity_degree, chunk_size=config.chunk_size or None)
+        model = SquaredReLUNet(3, config.width, config.signs, config.init_scale, generator=gen).to(
+            dtype=dtype, device=device
+        )
+        problem = Problem(
+            model,
+            X.to(dtype=dtype, device=device),
+            y.to(dtype=dtype, device=device),
+            config.loss,
+            degree=model.homogeneity_degree,
+            chunk_size=config.chunk_size or None,
+        )
         lo, hi = plane_extent(X2)
         contour_xs, contour_points = _grid_points(lo, hi, config.contour_resolution, torch.float64)
         _, surface_points = _grid_points(lo, hi, config.surface_resolution, torch.float64)
         info.update(width=config.width, signs=config.signs, extent=[lo, hi])
         extras = {
-            "X2": X2, "X": X, "y": y,
+            "X2": X2,
+            "X": X,
+            "y": y,
             "signs": model.signs.detach().cpu().double(),
             "weight0": model.weight.detach().cpu().double().clone(),
-            "contour_xs": contour_xs, "contour_points": contour_points, "surface_points": surface_points,
+            "contour_xs": contour_xs,
+            "contour_points": contour_points,
+            "surface_points": surface_points,
         }
         return Setup(problem, problem.flat_params(), info, extras)
 
@@ -260,7 +296,15 @@ class Fig1Experiment(Experiment):
             out["surface_distance_first_separable_to_final"] = surface_distance(snapshot_b["values"], final_values)
         if run_dir is not None:
             write_snapshot(run_dir, SNAPSHOTS["c"], setup, state.w, final_values, s_final, state.steps, "network")
-            write_snapshot(run_dir, SNAPSHOTS["a"], setup, ntk["svm"].direction, ntk_values,
-                           out["ntk_ln_n_over_L"], out["ntk_steps"], "ntk-svm",
-                           surface_values=ntk["values"]["surface_points"])
+            write_snapshot(
+                run_dir,
+                SNAPSHOTS["a"],
+                setup,
+                ntk["svm"].direction,
+                ntk_values,
+                out["ntk_ln_n_over_L"],
+                out["ntk_steps"],
+                "ntk-svm",
+                surface_values=ntk["values"]["surface_points"],
+            )
         return out

@@ -62,7 +62,10 @@ class MarginsConfig(TrainConfig):
     download: bool = option(False, "cifar10: fetch it if missing (set by --download)")
     subset: int = option(0, "class-balanced seeded subset of this many examples; 0 keeps all")
     init_scale: float = option(1.0, "multiplies every initial weight (1: PyTorch's default init, the paper's)")
-    batch_norm: str = option("batch", "batch norm layers (DenseNet/ResNet): \"batch\" = normalise by the statistics of each forward batch (the sgd minibatch; in risk evaluations the chunk of chunk_size examples, i.e. the whole data when n <= chunk_size), keeping no running statistics; \"frozen\" = fixed affine maps (running statistics at their initial 0/1)")
+    batch_norm: str = option(
+        "batch",
+        'batch norm layers (DenseNet/ResNet): "batch" = normalise by the statistics of each forward batch (the sgd minibatch; in risk evaluations the chunk of chunk_size examples, i.e. the whole data when n <= chunk_size), keeping no running statistics; "frozen" = fixed affine maps (running statistics at their initial 0/1)',
+    )
     n: int = option(1000, "synthetic-images: number of images")
     loss: str = inherit(TrainConfig, "loss", "cross-entropy")
     dynamics: str = inherit(TrainConfig, "dynamics", "sgd")

@@ -37,7 +37,7 @@ COVERING_CANDIDATES = 24  # logged times tried as t0 for the covering condition
 
 @dataclass
 class SReLUConfig(TrainConfig):
-    data: str = option("teacher", "\"teacher\" (seeded planar teacher) or an .npz with X [n, 2], y [n]")
+    data: str = option("teacher", '"teacher" (seeded planar teacher) or an .npz with X [n, 2], y [n]')
     n: int = option(40, "number of examples")
     data_margin: float = option(0.1, "teacher standard deviations (see diralign.data.planar)")
     teacher_hidden: int = option(8, "hidden width of the random teacher that labels the planar data")
@@ -82,7 +82,9 @@ class SReLUExperiment(Experiment):
             raise UserError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
         if config.width < 2:
             raise UserError(f"width must be >= 2 (both signs of eq. 4.5), got {config.width}")
-        X2, y, info = planar_data(config.data, config.n, config.data_margin, config.seed, config.teacher_hidden, dtype=torch.float64)
+        X2, y, info = planar_data(
+            config.data, config.n, config.data_margin, config.seed, config.teacher_hidden, dtype=torch.float64
+        )
         X = embed(X2)
         X = X / X.norm(dim=1).max()  # Prop. 4.6 assumes ||x_i|| <= 1
         gen = torch.Generator().manual_seed(config.seed + 1)
@@ -91,8 +93,14 @@ class SReLUExperiment(Experiment):
         else:
             model = SquaredReLUNet(3, config.width, signs="alternating", init_scale=config.init_scale, generator=gen)
         model = model.to(dtype=dtype, device=device)
-        problem = Problem(model, X.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device), config.loss,
-                          degree=model.homogeneity_degree, chunk_size=config.chunk_size or None)
+        problem = Problem(
+            model,
+            X.to(dtype=dtype, device=device),
+            y.to(dtype=dtype, device=device),
+            config.loss,
+            degree=model.homogeneity_degree,
+            chunk_size=config.chunk_size or None,
+        )
         info.update(width=config.width, activation=config.activation)
         return Setup(problem, problem.flat_params(), info, {"X": X, "y": y, "signs": model.signs.double().cpu()})
 

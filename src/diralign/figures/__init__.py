@@ -26,8 +26,11 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Every figure of a run directory; returns the paths written."""
     run = (run_dir if isinstance(run_dir, Run) else Run(run_dir)).check()
     out_dir = Path(out_dir or run.path)
-    check_writable(out_dir, f"write figures into {out_dir}", "the run itself is unchanged; draw them elsewhere "
-                   "with diralign.load_run(DIR).plot(OUT_DIR)")
+    check_writable(
+        out_dir,
+        f"write figures into {out_dir}",
+        "the run itself is unchanged; draw them elsewhere with diralign.load_run(DIR).plot(OUT_DIR)",
+    )
     paths = plot_curves(run, out_dir) + plot_margins(run, out_dir)
     extra = EXPERIMENT_FIGURES.get(run.experiment)
     if extra is not None:

@@ -35,8 +35,10 @@ def save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = Path(out_dir) / f"{stem}.{ext}"
-        with disk_errors(f"write the figure {path}", "the run itself is unchanged; plot it elsewhere with "
-                                                     "diralign.load_run(DIR).plot(OUT_DIR)"):
+        with disk_errors(
+            f"write the figure {path}",
+            "the run itself is unchanged; plot it elsewhere with diralign.load_run(DIR).plot(OUT_DIR)",
+        ):
             fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
         paths.append(path)
     return paths
@@ -111,15 +113,20 @@ def plot_curves(run, out_dir=None) -> list[Path]:
     log = run.log
     x = run.ln_n_over_L
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = [schema.MIN_NORMALIZED_MARGIN, schema.ALIGNMENT_COS, schema.PATH_LENGTH,
-              schema.NORMALIZED_SMOOTHED_MARGIN, ANGLE_TO_FINAL]
+    panels = [
+        schema.MIN_NORMALIZED_MARGIN,
+        schema.ALIGNMENT_COS,
+        schema.PATH_LENGTH,
+        schema.NORMALIZED_SMOOTHED_MARGIN,
+        ANGLE_TO_FINAL,
+    ]
     for ax, name in zip(axes.flat, panels):
         draw_curve(ax, run, name)
         style_axis(ax, name)
     ax = axes.flat[5]
     shares = schema.block_columns(log.columns)
     for col in shares[:12]:
-        ax.plot(x, log[col], label=col[len(schema.SHARE_PREFIX):])
+        ax.plot(x, log[col], label=col[len(schema.SHARE_PREFIX) :])
     if shares:
         ax.legend(fontsize=7)
     ax.set_title("per-layer norm share $\\|U_j\\|^2/\\|W\\|^2$")
@@ -166,7 +173,9 @@ def draw_margins(ax, run, max_lines: int = 2000, cmap_name: str = "rainbow") -> 
     count = traj.shape[1]
     colors = plt.get_cmap(cmap_name)(np.linspace(0.0, 1.0, count))
     # One collection instead of thousands of Line2D objects: same picture, far faster.
-    lines = LineCollection([np.column_stack([x, traj[:, r]]) for r in range(count)], colors=colors, linewidths=0.5, alpha=0.7)
+    lines = LineCollection(
+        [np.column_stack([x, traj[:, r]]) for r in range(count)], colors=colors, linewidths=0.5, alpha=0.7
+    )
     ax.add_collection(lines)
     finite = traj[np.isfinite(traj)]
     if finite.size:

@@ -1,6 +1,6 @@
 """``fig2.png/pdf``: the paper's Figure 2/3 from a ``margins`` run directory.
 
-    diralign plot runs/margins
+diralign plot runs/margins
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ def plot_margin_panel(run, out_dir=None) -> list:
     if trajectories is not None:
         draw_convergence(ax_c, trajectories[0], trajectories[1])
     summary, config, data = run.summary, run.config, run.data_info
-    ax_m.set_title(f"{config.get('model', '?')} on {data.get('data', config.get('data', '?'))}, "
-                   f"n = {data.get('n', '?')} ({summary.get('dynamics', config.get('dynamics', '?'))})")
+    ax_m.set_title(
+        f"{config.get('model', '?')} on {data.get('data', config.get('data', '?'))}, "
+        f"n = {data.get('n', '?')} ({summary.get('dynamics', config.get('dynamics', '?'))})"
+    )
     x = run.ln_n_over_L
     cos = run.column(schema.ALIGNMENT_COS)
     ok = np.isfinite(cos)

@@ -77,7 +77,14 @@ def draw_convergence(ax, x: np.ndarray, traj: np.ndarray, max_lines: int = 80, c
 
     curves = convergence_curves(x, traj)
     if curves is None:
-        ax.text(0.5, 0.5, "too few log points after\nall examples are fitted", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "too few log points after\nall examples are fitted",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         return False
     xs, distance = curves["x"], curves["distance"]
     floor = 1e-7  # float32 margins: relative changes below this are rounding
@@ -85,12 +92,25 @@ def draw_convergence(ax, x: np.ndarray, traj: np.ndarray, max_lines: int = 80, c
     colors = plt.get_cmap(cmap_name)(np.linspace(0.0, 1.0, distance.shape[1]))[columns]
     segments = [np.column_stack([xs, np.maximum(distance[:, c], floor)]) for c in columns]
     ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.4, alpha=0.3))
-    ax.fill_between(xs, np.maximum(curves["distance_band"][0], floor), np.maximum(curves["distance_band"][1], floor),
-                    color="0.5", alpha=0.25, lw=0, label="distance, 10-90% of examples")
+    ax.fill_between(
+        xs,
+        np.maximum(curves["distance_band"][0], floor),
+        np.maximum(curves["distance_band"][1], floor),
+        color="0.5",
+        alpha=0.25,
+        lw=0,
+        label="distance, 10-90% of examples",
+    )
     ax.plot(xs, np.maximum(curves["distance_median"], floor), color="k", lw=2.0, label="distance to final, median")
     if curves["rate_median"].size:
-        ax.plot(curves["rate_x"], np.maximum(curves["rate_median"], floor), color="k", lw=1.5, ls="--",
-                label="rate $|dq/d\\ln s|$, median")
+        ax.plot(
+            curves["rate_x"],
+            np.maximum(curves["rate_median"], floor),
+            color="k",
+            lw=1.5,
+            ls="--",
+            label="rate $|dq/d\\ln s|$, median",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(xs[0], xs[-1] * 1.02 if len(xs) > 1 else None)

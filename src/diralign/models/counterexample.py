@@ -125,7 +125,14 @@ class SpiralFlow:
         return self.degree * self.log_norm + np.log(self.normalized_margin)
 
 
-def spiral_flow(sigma_end: float = 1e6, degree: int = 2, points_per_decade: int = 200, rtol: float = 1e-8, atol: float = 1e-10, method: str = "LSODA") -> SpiralFlow:
+def spiral_flow(
+    sigma_end: float = 1e6,
+    degree: int = 2,
+    points_per_decade: int = 200,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    method: str = "LSODA",
+) -> SpiralFlow:
     """Integrate the direction flow to ``sigma_end`` in ``sigma`` (to 1), then in ``tau = ln sigma``.
 
     State ``(theta~, ln||theta||, path length)``; ``d theta~/d sigma = P grad q(theta~)`` (P the
@@ -154,12 +161,16 @@ def spiral_flow(sigma_end: float = 1e6, degree: int = 2, points_per_decade: int 
 
     state0 = np.concatenate([start_direction(), [0.0, 0.0]])
     grid_sigma = np.linspace(0.0, 1.0, 51)
-    first = scipy.integrate.solve_ivp(rhs_sigma, (0.0, 1.0), state0, method=method, t_eval=grid_sigma, rtol=rtol, atol=atol)
+    first = scipy.integrate.solve_ivp(
+        rhs_sigma, (0.0, 1.0), state0, method=method, t_eval=grid_sigma, rtol=rtol, atol=atol
+    )
     if not first.success:
         raise RuntimeError(f"counterexample flow failed on sigma in [0, 1]: {first.message}")
     decades = max(math.log10(sigma_end), 0.0)
     grid_tau = np.linspace(0.0, decades * math.log(10.0), max(int(points_per_decade * decades), 1) + 1)
-    second = scipy.integrate.solve_ivp(rhs_tau, (0.0, grid_tau[-1]), first.y[:, -1], method=method, t_eval=grid_tau, rtol=rtol, atol=atol)
+    second = scipy.integrate.solve_ivp(
+        rhs_tau, (0.0, grid_tau[-1]), first.y[:, -1], method=method, t_eval=grid_tau, rtol=rtol, atol=atol
+    )
     if not second.success:
         raise RuntimeError(f"counterexample flow failed in tau = ln sigma: {second.message}")
     sigma = np.concatenate([grid_sigma, np.exp(grid_tau[1:])])
@@ -233,7 +244,13 @@ def planar_reference(sigma: np.ndarray, rtol: float = 1e-10, atol: float = 1e-12
     if len(tail):
         end = scipy.integrate.solve_ivp(rhs, (0.0, 1.0), p0, method="Radau", rtol=rtol, atol=atol).y[:, -1]
         second = scipy.integrate.solve_ivp(
-            lambda tau, p: math.exp(tau) * rhs(None, p), (0.0, math.log(tail[-1])), end, method="Radau", t_eval=np.log(tail), rtol=rtol, atol=atol
+            lambda tau, p: math.exp(tau) * rhs(None, p),
+            (0.0, math.log(tail[-1])),
+            end,
+            method="Radau",
+            t_eval=np.log(tail),
+            rtol=rtol,
+            atol=atol,
         )
         points.append(second.y.T)
     p = np.concatenate(points)

@@ -28,10 +28,7 @@ class HomogeneityReport:
     def verdict(self) -> str:
         if self.homogeneous:
             return f"homogeneous of degree {self.degree} (relative violation {self.violation:.1e})"
-        return (
-            f"not homogeneous (best-fit degree {self.fitted_degree:.3f}, "
-            f"relative violation {self.violation:.1e})"
-        )
+        return f"not homogeneous (best-fit degree {self.fitted_degree:.3f}, relative violation {self.violation:.1e})"
 
 
 def declared_degree(model: nn.Module) -> Optional[int]:
@@ -80,8 +77,6 @@ def homogeneity_degree(
         # not homogeneous of any usable degree.
         return HomogeneityReport(fitted, None, float("inf"), False, declared_degree(model))
     k = round(fitted)
-    violation = max(
-        float((outs[c] - c**k * base).abs().max() / (c**k * scale_base)) for c in scales
-    )
+    violation = max(float((outs[c] - c**k * base).abs().max() / (c**k * scale_base)) for c in scales)
     homogeneous = k >= 1 and violation <= tol
     return HomogeneityReport(fitted, k if homogeneous else None, violation, homogeneous, declared_degree(model))

@@ -43,12 +43,16 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     if name in MODELS:
         return MODELS[name]
     if ":" not in name:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or give package.module:factory")
+        raise UserError(
+            f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or give package.module:factory"
+        )
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or anything the user's module raises on import
-        raise UserError(f"cannot import {module_name!r} for model {name!r} ({type(exc).__name__}: {exc}); is it on PYTHONPATH?") from None
+        raise UserError(
+            f"cannot import {module_name!r} for model {name!r} ({type(exc).__name__}: {exc}); is it on PYTHONPATH?"
+        ) from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise UserError(f"{module_name} has no callable {attr!r}; model must be package.module:factory")

@@ -32,7 +32,9 @@ def make_signs(width: int, signs: str = "random", generator: torch.Generator | N
     raise ValueError(f"signs must be one of {SIGNS}, got {signs!r}")
 
 
-def init_rows(in_features: int, width: int, init_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def init_rows(
+    in_features: int, width: int, init_scale: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Rows ``N(0, init_scale^2 / (d sqrt(m)))``: the output at init is O(init_scale^2)
     whatever the width (the NTK scaling ``f = m^{-1/2} sum_j s_j relu(<u_j, x>)^2`` with
     ``u_j ~ N(0, I/d)``, absorbed into the rows since the model is 2-homogeneous)."""
@@ -138,6 +140,8 @@ register("squared-relu")(SquaredReLUNet)
 
 
 @register("srelu")
-def srelu(in_features: int, width: int, init_scale: float = 1.0, generator: torch.Generator | None = None) -> SquaredReLUNet:
+def srelu(
+    in_features: int, width: int, init_scale: float = 1.0, generator: torch.Generator | None = None
+) -> SquaredReLUNet:
     """eq. (4.5): ``x -> sum_j (-1)^j max(0, <w_j, x>)^2`` (Chizat & Bach's S-ReLU)."""
     return SquaredReLUNet(in_features, width, signs="alternating", init_scale=init_scale, generator=generator)

@@ -10,5 +10,13 @@ from .checkpoint import load_checkpoint_file, save_checkpoint_file
 from .reader import Run, read_json
 from .writer import RunWriter
 
-__all__ = ["ArrayLog", "Run", "RunWriter", "load_checkpoint_file", "read_array_log", "read_json",
-           "save_checkpoint_file", "schema"]
+__all__ = [
+    "ArrayLog",
+    "Run",
+    "RunWriter",
+    "load_checkpoint_file",
+    "read_array_log",
+    "read_json",
+    "save_checkpoint_file",
+    "schema",
+]

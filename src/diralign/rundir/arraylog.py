@@ -45,13 +45,17 @@ def check_array_log(directory, name: str, width: int, dtype: str, rows: int) -> 
         raise UserError(f"{missing} is missing but the checkpoint recorded {rows} rows of {name}; {_RESTORE}")
     have = _read_meta(meta_path)
     if have != (int(width), np.dtype(dtype)):
-        raise UserError(f"{meta_path} describes rows of {have[0]} x {have[1]}, but this run writes {width} x "
-                        f"{np.dtype(dtype)}; the file belongs to another run: {_RESTORE}")
+        raise UserError(
+            f"{meta_path} describes rows of {have[0]} x {have[1]}, but this run writes {width} x "
+            f"{np.dtype(dtype)}; the file belongs to another run: {_RESTORE}"
+        )
     size = os.path.getsize(path)
     row_bytes = int(width) * np.dtype(dtype).itemsize
     if size < rows * row_bytes:
-        raise UserError(f"{path} holds {size // row_bytes} rows but the checkpoint recorded {rows}; "
-                        f"the file was cut or replaced: {_RESTORE}")
+        raise UserError(
+            f"{path} holds {size // row_bytes} rows but the checkpoint recorded {rows}; "
+            f"the file was cut or replaced: {_RESTORE}"
+        )
 
 
 class ArrayLog:
@@ -70,7 +74,9 @@ class ArrayLog:
         if rows is not None:
             check_array_log(self.directory, name, self.width, self.dtype.str, int(rows))
         if rows is None or rows == 0 or not self.meta_path.exists():
-            write_atomic(self.meta_path, json.dumps({"width": self.width, "dtype": self.dtype.str}).encode(), durable=False)
+            write_atomic(
+                self.meta_path, json.dumps({"width": self.width, "dtype": self.dtype.str}).encode(), durable=False
+            )
         self._file = open(self.path, "ab")
         if rows is not None:
             self._file.truncate(int(rows) * self.row_bytes)

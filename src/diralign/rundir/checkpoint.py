@@ -36,9 +36,16 @@ CHECKPOINT_VERSION = 3
 
 def save_checkpoint_file(path: Path, payload: dict, run_id: Optional[str] = None) -> None:
     path = Path(path)
-    payload = plain_payload(dict(payload, **{schema.CKPT_FORMAT: CHECKPOINT_FORMAT,
-                                               schema.CKPT_VERSION: CHECKPOINT_VERSION,
-                                               schema.CKPT_RUN_ID: run_id}))
+    payload = plain_payload(
+        dict(
+            payload,
+            **{
+                schema.CKPT_FORMAT: CHECKPOINT_FORMAT,
+                schema.CKPT_VERSION: CHECKPOINT_VERSION,
+                schema.CKPT_RUN_ID: run_id,
+            },
+        )
+    )
     payload[schema.CKPT_CHECKSUM] = payload_checksum(payload, schema.CKPT_CHECKSUM)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -50,7 +57,9 @@ def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:
     path = Path(path)
     restore = f"restore the run's own {path.name}, or start the run again with diralign run"
     if not path.is_file():
-        raise UserError(f"{path} is missing; the run has no checkpoint to resume from (start it again with diralign run)")
+        raise UserError(
+            f"{path} is missing; the run has no checkpoint to resume from (start it again with diralign run)"
+        )
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols of foreign files; the verdict below is the one line.
@@ -60,8 +69,9 @@ def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:
         # weights_only refuses any global it does not know (a class, a function to call)
         # before creating it: the file wanted to run code or build objects diralign never writes.
         text = str(exc)
-        found = (re.search(r"(unsupported GLOBAL [\w.]+)", text)
-                 or re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|Check the documentation|$)", text, re.S))
+        found = re.search(r"(unsupported GLOBAL [\w.]+)", text) or re.search(
+            r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|Check the documentation|$)", text, re.S
+        )
         detail = " ".join(found.group(1).split()) if found else ""
         raise UserError(
             f"{path} is not a diralign checkpoint: it asks to build objects, not just data "
@@ -73,15 +83,19 @@ def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:
         raise UserError(f"{path} is not a diralign checkpoint; {restore}")
     version = payload.get(schema.CKPT_VERSION)
     if version != CHECKPOINT_VERSION:
-        raise UserError(f"{path} has checkpoint version {version}, this diralign reads {CHECKPOINT_VERSION}; "
-                        "finish the run with the diralign that wrote it, or start it again")
+        raise UserError(
+            f"{path} has checkpoint version {version}, this diralign reads {CHECKPOINT_VERSION}; "
+            "finish the run with the diralign that wrote it, or start it again"
+        )
     try:
         expected = payload_checksum(payload, schema.CKPT_CHECKSUM)
     except TypeError:
         expected = None
     if expected is None or payload.get(schema.CKPT_CHECKSUM) != expected:
-        raise UserError(f"{path} is corrupt: its content does not match its checksum (a flipped byte, a bad disk "
-                        f"or an edit); {restore}")
+        raise UserError(
+            f"{path} is corrupt: its content does not match its checksum (a flipped byte, a bad disk "
+            f"or an edit); {restore}"
+        )
     if run_id is not None and payload.get(schema.CKPT_RUN_ID) != run_id:
         raise UserError(
             f"{path} belongs to another run (run id {payload.get(schema.CKPT_RUN_ID)}, this directory's is {run_id}); "
@@ -90,6 +104,8 @@ def load_checkpoint_file(path: Path, run_id: Optional[str] = None) -> dict:
     state = payload.get(schema.CKPT_STATE)
     if not isinstance(state, dict) or not isinstance(state.get("w"), torch.Tensor):
         raise UserError(f"{path} holds no training state; {restore}")
-    if not isinstance(payload.get(schema.CKPT_POSITIONS), dict) or not isinstance(payload.get(schema.CKPT_DYNAMICS), dict):
+    if not isinstance(payload.get(schema.CKPT_POSITIONS), dict) or not isinstance(
+        payload.get(schema.CKPT_DYNAMICS), dict
+    ):
         raise UserError(f"{path} lacks its log positions or dynamics state; {restore}")
     return payload

@@ -79,7 +79,9 @@ def plain_payload(value, where: str = "checkpoint"):
         return value.item()
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    raise TypeError(f"{where} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, strings and containers")
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, strings and containers"
+    )
 
 
 def payload_checksum(payload: dict, checksum_key: str) -> str:

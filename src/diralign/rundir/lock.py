@@ -67,8 +67,10 @@ def holder_pid(directory) -> Optional[int]:
 def busy_message(directory, pid: Optional[int]) -> str:
     who = f"diralign process {pid}" if pid is not None else "another diralign process"
     kill = f"kill {pid}" if pid is not None else "stop it"
-    return (f"{directory} is being written by {who} (a run or resume holds its lock); wait for it to finish, "
-            f"or stop it ({kill}) and continue with: diralign resume {directory}")
+    return (
+        f"{directory} is being written by {who} (a run or resume holds its lock); wait for it to finish, "
+        f"or stop it ({kill}) and continue with: diralign resume {directory}"
+    )
 
 
 class RunLock:
@@ -95,8 +97,11 @@ class RunLock:
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 # A file system without flock (some network mounts): run unguarded, but say so.
-                print(f"diralign: warning: {directory} cannot be locked ({exc.strerror}); "
-                      "make sure no other run or resume writes it", file=sys.stderr)
+                print(
+                    f"diralign: warning: {directory} cannot be locked ({exc.strerror}); "
+                    "make sure no other run or resume writes it",
+                    file=sys.stderr,
+                )
                 return cls(None, directory)
             try:
                 current = os.stat(path).st_ino

@@ -69,7 +69,9 @@ class Run:
         config = self.meta.get(schema.META_CONFIG)
         experiment = self.meta.get(schema.META_EXPERIMENT)
         if not isinstance(config, dict) or not isinstance(experiment, str):
-            raise UserError(f"{self.path / schema.CONFIG} lacks its 'experiment' or 'config' entry; the run directory is damaged")
+            raise UserError(
+                f"{self.path / schema.CONFIG} lacks its 'experiment' or 'config' entry; the run directory is damaged"
+            )
         check_config_checksum(self.path / schema.CONFIG, self.meta, experiment)
         self.config: dict = config
         self.experiment: str = experiment
@@ -85,8 +87,10 @@ class Run:
         a run without them (an older diralign made it) cannot be resumed safely."""
         values = {key: self.meta.get(key) for key in schema.META_IDENTITY}
         if not isinstance(values[schema.META_RUN_ID], str) or not isinstance(values[schema.META_DATA_SHA256], str):
-            raise UserError(f"{self.path / schema.CONFIG} has no run id or data hash (an older diralign made it); "
-                            "finish it with that version, or start it again with diralign run")
+            raise UserError(
+                f"{self.path / schema.CONFIG} has no run id or data hash (an older diralign made it); "
+                "finish it with that version, or start it again with diralign run"
+            )
         return values
 
     # -- JSON files -------------------------------------------------------------------
@@ -97,8 +101,10 @@ class Run:
         for key in schema.DESIGN_SUMMARY_KEYS:  # numbers or null, by contract
             value = summary.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise UserError(f"{self.path / schema.SUMMARY}: {key} = {value!r} is not a number; "
-                                "the run directory is damaged (diralign resume rewrites it)")
+                raise UserError(
+                    f"{self.path / schema.SUMMARY}: {key} = {value!r} is not a number; "
+                    "the run directory is damaged (diralign resume rewrites it)"
+                )
         return summary
 
     @property
@@ -141,11 +147,15 @@ class Run:
         if missing:
             raise UserError(f"{path} has no column {missing[0]!r} (a damaged header?); the run directory is damaged")
         # Every column the writer makes is a number (or a bool); text in one is damage.
-        damaged = [c for c in frame.columns
-                   if len(frame) and schema.is_log_column(c) and not pd.api.types.is_numeric_dtype(frame[c])]
+        damaged = [
+            c
+            for c in frame.columns
+            if len(frame) and schema.is_log_column(c) and not pd.api.types.is_numeric_dtype(frame[c])
+        ]
         if damaged:
-            raise UserError(f"{path}: column {damaged[0]!r} holds something that is not a number; "
-                            "the run directory is damaged")
+            raise UserError(
+                f"{path}: column {damaged[0]!r} holds something that is not a number; the run directory is damaged"
+            )
         return frame
 
     def column(self, name: str) -> np.ndarray:

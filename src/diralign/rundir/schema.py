@@ -35,9 +35,20 @@ ARRAY_LOGS = (MARGINS, DIRECTIONS, SURFACES)
 # fig1's contour snapshots: (a) NTK max-margin, (b) first perfect classification, (c) end.
 FIG1_SNAPSHOTS = {"a": "fig1_a.npz", "b": "fig1_b.npz", "c": "fig1_c.npz"}
 
-FILES = (CONFIG, SUMMARY, ASSUMPTIONS, LOG, CHECKPOINT, FINAL_MARGINS, ANGLE_TO_FINAL, TENSORBOARD, LOCK,
-         *(f"{name}.bin" for name in ARRAY_LOGS), *(f"{name}.json" for name in ARRAY_LOGS),
-         *FIG1_SNAPSHOTS.values())
+FILES = (
+    CONFIG,
+    SUMMARY,
+    ASSUMPTIONS,
+    LOG,
+    CHECKPOINT,
+    FINAL_MARGINS,
+    ANGLE_TO_FINAL,
+    TENSORBOARD,
+    LOCK,
+    *(f"{name}.bin" for name in ARRAY_LOGS),
+    *(f"{name}.json" for name in ARRAY_LOGS),
+    *FIG1_SNAPSHOTS.values(),
+)
 
 # -- config.json ------------------------------------------------------------------------
 META_EXPERIMENT = "experiment"
@@ -84,9 +95,23 @@ TRAIN_ACCURACY = "train_accuracy"
 BELOW_LOSS_AT_ZERO = "below_loss_at_zero"
 
 LOG_COLUMNS = (
-    STEP, GRAD_EVALS, REJECTED_STEPS, WALL_SECONDS, LN_N_OVER_L, LOG_RISK, SMOOTHED_MARGIN,
-    NORMALIZED_SMOOTHED_MARGIN, BETA, MIN_MARGIN, MIN_NORMALIZED_MARGIN, PARAM_NORM, GRAD_NORM,
-    ALIGNMENT_COS, PATH_LENGTH, TRAIN_ACCURACY, BELOW_LOSS_AT_ZERO,
+    STEP,
+    GRAD_EVALS,
+    REJECTED_STEPS,
+    WALL_SECONDS,
+    LN_N_OVER_L,
+    LOG_RISK,
+    SMOOTHED_MARGIN,
+    NORMALIZED_SMOOTHED_MARGIN,
+    BETA,
+    MIN_MARGIN,
+    MIN_NORMALIZED_MARGIN,
+    PARAM_NORM,
+    GRAD_NORM,
+    ALIGNMENT_COS,
+    PATH_LENGTH,
+    TRAIN_ACCURACY,
+    BELOW_LOSS_AT_ZERO,
 )
 # Optional columns a run adds when the matching instrument is on.
 SHARPNESS = "sharpness"  # top eigenvalue of the Hessian of log L (Lanczos)
@@ -106,7 +131,9 @@ def block_alignment_column(block: str) -> str:
 
 
 def is_log_column(name: str) -> bool:
-    return name in LOG_COLUMNS or name in OPTIONAL_LOG_COLUMNS or name.startswith((SHARE_PREFIX, BLOCK_ALIGNMENT_PREFIX))
+    return (
+        name in LOG_COLUMNS or name in OPTIONAL_LOG_COLUMNS or name.startswith((SHARE_PREFIX, BLOCK_ALIGNMENT_PREFIX))
+    )
 
 
 def block_columns(columns) -> list[str]:
@@ -116,19 +143,36 @@ def block_columns(columns) -> list[str]:
 # -- summary.json -------------------------------------------------------------------------
 # DESIGN section 4's minimum (numbers, null where undefined) ...
 DESIGN_SUMMARY_KEYS = (
-    LN_N_OVER_L, LOG_RISK, SMOOTHED_MARGIN, MIN_NORMALIZED_MARGIN, ALIGNMENT_COS, PATH_LENGTH,
-    PARAM_NORM, "homogeneity_degree", TRAIN_ACCURACY, "steps", GRAD_EVALS, REJECTED_STEPS, WALL_SECONDS,
+    LN_N_OVER_L,
+    LOG_RISK,
+    SMOOTHED_MARGIN,
+    MIN_NORMALIZED_MARGIN,
+    ALIGNMENT_COS,
+    PATH_LENGTH,
+    PARAM_NORM,
+    "homogeneity_degree",
+    TRAIN_ACCURACY,
+    "steps",
+    GRAD_EVALS,
+    REJECTED_STEPS,
+    WALL_SECONDS,
 )
 # ... then what every run adds.
 SUMMARY_KEYS = DESIGN_SUMMARY_KEYS + (
-    NORMALIZED_SMOOTHED_MARGIN, BETA,
+    NORMALIZED_SMOOTHED_MARGIN,
+    BETA,
     "dynamics",  # which dynamics produced the numbers ("flow/cvode", "gd", ...)
     "faithful_to_flow",  # true when they are the error-controlled flow's, not a discrete method's iterates
     "stop_reason",  # target_ln_n_over_L | max_steps | max_wall_seconds | stalled | ...
     "stop_message",  # the reason in words where it needs them (stalled: by how little the risk fell), else null
-    "first_separable_step", "first_separable_ln_n_over_L",  # first perfect classification
+    "first_separable_step",
+    "first_separable_ln_n_over_L",  # first perfect classification
     "assumption_2_3_step",  # first step with L(W) < l(0)
-    "alignment_cos_at_ln10", "alignment_cos_at_ln30", "alignment_cos_at_ln100",  # measured at the milestone
+    "alignment_cos_at_ln10",
+    "alignment_cos_at_ln30",
+    "alignment_cos_at_ln100",  # measured at the milestone
+    "kink_events",  # sliding flow: {captured, released, crossed} kinks (absent for other dynamics)
+    "sliding_kinks",  # sliding flow: kinks held on their switching surfaces at the end (absent for other dynamics)
 )
 # Milestones of ln(n/L) at which alignment is measured exactly (the flow lands there).
 ALIGNMENT_MILESTONES = (10.0, 30.0, 100.0)
@@ -144,24 +188,60 @@ TIMING_KEYS = (WALL_SECONDS, "ntk_seconds", "seconds_per_step")
 # Each experiment's own keys (Experiment.finish), declared here like the common ones.
 EXPERIMENT_SUMMARY_KEYS = {
     "linear": ("svm_cos", "svm_margin"),
-    "deep-linear": ("svm_cos", "svm_margin", "layer_rank_one_ratios", "layer_alignment", "layer_norm_shares", "margin_ratio"),
+    "deep-linear": (
+        "svm_cos",
+        "svm_margin",
+        "layer_rank_one_ratios",
+        "layer_alignment",
+        "layer_norm_shares",
+        "margin_ratio",
+    ),
     "custom": ("homogeneity_at_end", "homogeneity_violation_at_end"),
     "fig1": (
-        "ntk_svm_margin", "ntk_svm_cos", "ntk_svm_support", "ntk_dynamics", "ntk_min_normalized_margin",
-        "ntk_ln_n_over_L", "ntk_stop_reason", "ntk_steps", "ntk_grad_evals", "ntk_seconds", "ntk_train_accuracy",
-        "ntk_homogeneity_degree_v", "ntk_homogeneity_degree_joint", "ntk_homogeneity_violation_joint",
-        "homogeneity_degree_measured", "homogeneity_violation", "surface_distance_ntk_to_final",
-        "surface_distance_ntk_to_first_separable", "surface_distance_first_separable_to_final",
+        "ntk_svm_margin",
+        "ntk_svm_cos",
+        "ntk_svm_support",
+        "ntk_dynamics",
+        "ntk_min_normalized_margin",
+        "ntk_ln_n_over_L",
+        "ntk_stop_reason",
+        "ntk_steps",
+        "ntk_grad_evals",
+        "ntk_seconds",
+        "ntk_train_accuracy",
+        "ntk_homogeneity_degree_v",
+        "ntk_homogeneity_degree_joint",
+        "ntk_homogeneity_violation_joint",
+        "homogeneity_degree_measured",
+        "homogeneity_violation",
+        "surface_distance_ntk_to_final",
+        "surface_distance_ntk_to_first_separable",
+        "surface_distance_first_separable_to_final",
     ),
     "srelu": (
-        "neuron_share_max", "neuron_alignment_weighted", "trained_margin_from_shares", "local_lp_margin",
-        "local_lp_share_distance", "infinite_width_margin_lower", "infinite_width_margin_upper",
-        "covering_epsilon", "covering_ln_n_over_L",
+        "neuron_share_max",
+        "neuron_alignment_weighted",
+        "trained_margin_from_shares",
+        "local_lp_margin",
+        "local_lp_share_distance",
+        "infinite_width_margin_lower",
+        "infinite_width_margin_upper",
+        "covering_epsilon",
+        "covering_ln_n_over_L",
     ),
     "margins": (
-        "model", "data", "n", "parameters", "epochs", "seconds_per_step", "target_ln_n_over_L", "target_reached",
-        "margin_change_last_quarter", "margin_change_last_quarter_relative",
-        "margin_change_last_quarter_from_ln_n_over_L", "margin_rank_correlation_last_quarter",
+        "model",
+        "data",
+        "n",
+        "parameters",
+        "epochs",
+        "seconds_per_step",
+        "target_ln_n_over_L",
+        "target_reached",
+        "margin_change_last_quarter",
+        "margin_change_last_quarter_relative",
+        "margin_change_last_quarter_from_ln_n_over_L",
+        "margin_rank_correlation_last_quarter",
     ),
 }
 
@@ -175,7 +255,9 @@ def check_summary(experiment: str, summary: dict) -> None:
     known = set(summary_keys(experiment))
     unknown = [k for k in summary if k not in known]
     if unknown:
-        raise KeyError(f"summary keys {unknown} of experiment {experiment!r} are not declared in diralign.rundir.schema")
+        raise KeyError(
+            f"summary keys {unknown} of experiment {experiment!r} are not declared in diralign.rundir.schema"
+        )
 
 
 # -- JSON -------------------------------------------------------------------------------

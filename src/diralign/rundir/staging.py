@@ -73,8 +73,10 @@ class Staging:
             except OSError as exc:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                raise RunBusy(f"--out {self.final} was filled by another run while this one was set up "
-                              f"({busy_message(self.final, holder_pid(self.final))})") from None
+                raise RunBusy(
+                    f"--out {self.final} was filled by another run while this one was set up "
+                    f"({busy_message(self.final, holder_pid(self.final))})"
+                ) from None
         lock.moved_to(self.final)
         fsync_dir(self.final.parent)
         return lock
@@ -113,7 +115,9 @@ def _swap(a: Path, b: Path) -> None:
         try:
             os.rename(aside, b)
         except OSError:  # another run took `b` in the gap: keep the old one where it is, say so
-            raise RunBusy(f"--out {b} was taken by another run during the swap; the old run is kept in {aside}") from None
+            raise RunBusy(
+                f"--out {b} was taken by another run during the swap; the old run is kept in {aside}"
+            ) from None
         raise
     os.rename(aside, a)
 

@@ -85,7 +85,9 @@ class RunWriter:
                 break
         if path.is_dir() and any(path.iterdir()):
             if not force:
-                raise UserError(f"--out {path} is not empty; pass --force to replace the run in it, or choose another directory")
+                raise UserError(
+                    f"--out {path} is not empty; pass --force to replace the run in it, or choose another directory"
+                )
             if not (path / schema.CONFIG).exists():
                 raise UserError(
                     f"--out {path} is not empty and is not a diralign run directory; refusing to delete it even with --force"
@@ -113,7 +115,9 @@ class RunWriter:
         """The writer of an existing run (resume): refused while another process writes it."""
         path = Path(path)
         if not (path / schema.CONFIG).is_file():
-            raise UserError(f"{path} is not a diralign run directory (no {schema.CONFIG}); give the --out folder of a run")
+            raise UserError(
+                f"{path} is not a diralign run directory (no {schema.CONFIG}); give the --out folder of a run"
+            )
         with disk_errors(f"lock {path} for writing", f"{path} is unchanged"):
             lock = RunLock.acquire(path)
         return cls(path, experiment, lock)
@@ -136,8 +140,9 @@ class RunWriter:
         try:
             text = json.dumps(schema.json_safe(data, strict=strict), indent=2, allow_nan=False) + "\n"
         except ValueError as exc:
-            raise UserError(f"{name} cannot hold {exc.args[0]} = {exc.args[-1]!r} (JSON has no inf or NaN); "
-                            "use a finite number") from None
+            raise UserError(
+                f"{name} cannot hold {exc.args[0]} = {exc.args[-1]!r} (JSON has no inf or NaN); use a finite number"
+            ) from None
         with disk_errors(f"write {name}", self._intact()):
             write_atomic(self.path / name, text.encode(), durable=False)
 
@@ -164,8 +169,10 @@ class RunWriter:
         ``arrays``: name -> (width, dtype) of the logs this run opens at the start."""
         log_bytes = int(positions.get("log_bytes", 0))
         if not self.log_path.is_file():
-            raise UserError(f"{self.log_path} is missing but the checkpoint recorded {log_bytes} bytes of it; "
-                            "restore it from a backup, or start the run again")
+            raise UserError(
+                f"{self.log_path} is missing but the checkpoint recorded {log_bytes} bytes of it; "
+                "restore it from a backup, or start the run again"
+            )
         size = self.log_path.stat().st_size
         if size < log_bytes:
             raise UserError(
@@ -182,12 +189,20 @@ class RunWriter:
                     described = json.loads(meta.read_text())
                     width, dtype = described["width"], described["dtype"]
                 except (OSError, ValueError, KeyError, TypeError):
-                    raise UserError(f"{meta} is missing or damaged but the checkpoint recorded {count} rows of {name}; "
-                                    "restore it from a backup, or start the run again") from None
+                    raise UserError(
+                        f"{meta} is missing or damaged but the checkpoint recorded {count} rows of {name}; "
+                        "restore it from a backup, or start the run again"
+                    ) from None
                 check_array_log(self.path, name, width, dtype, int(count))
 
-    def open_logs(self, columns: list[str], n_examples: int, direction_width: int, direction_dtype: str,
-                  positions: Optional[dict] = None) -> None:
+    def open_logs(
+        self,
+        columns: list[str],
+        n_examples: int,
+        direction_width: int,
+        direction_dtype: str,
+        positions: Optional[dict] = None,
+    ) -> None:
         """Open ``log.csv`` and the margin/direction logs; ``positions`` (a resume) cuts them
         back to a checkpoint's lengths, and array logs opened later are cut on opening."""
         unknown = [c for c in columns if not schema.is_log_column(c)]

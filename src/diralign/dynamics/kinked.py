@@ -1,0 +1,415 @@
+"""The gradient flow of a ReLU / max-pool network, with its sliding modes: ``dynamics=flow``
+for kinked models.
+
+    diralign run srelu --set activation=relu --set dynamics=flow --set target_ln_n_over_L=30
+
+Between pattern changes the flow's right-hand side is smooth (:mod:`diralign.kinks`); on
+the switching surfaces where both sides push toward the surface it slides
+(:mod:`diralign.sliding`).  This integrator keeps a *sliding set* ``S`` of kinks held on
+their surfaces and integrates the smooth sliding field ``dW/ds = -v/||v||^2`` of that set
+with an embedded Runge-Kutta pair and error control; after each accepted step it handles
+the *events*:
+
+* a kink outside ``S`` that changed side (a ReLU input changed sign, a pool window's
+  argmax moved): when the flow on its new side pushes it back (``dh/ds`` against ``h``),
+  both sides point at the surface, so it slides: it joins ``S`` and the point is projected
+  onto the surfaces (Newton on ``h = 0``).  Otherwise the crossing is transversal and the
+  error control of the step that crossed it has already accounted for the jump in the field.
+* a kink in ``S`` whose Filippov weight ``theta`` left ``[0, 1]`` stops sliding: it leaves
+  ``S`` to the side it points to.  The field is continuous there (``theta = 0`` or ``1`` is
+  the one-sided field), so no step needs to be cut.
+
+The returned evaluation's ``grad`` is the Filippov gradient ``v``: the alignment the
+probes report is ``cos(W, dW/dt)``, the flow's own direction of motion, which is what
+Theorem 4.1 speaks of; the one-sided autodiff gradient on a sliding surface is not (it
+differs from ``v`` by the normal components, measured ~0.15 in cosine on the ReLU twin).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+from ..kinks import KinkSet, pool_crossings, relu_crossings, unsupported_kinks
+from ..problem import Evaluation
+from ..sliding import FieldPoint, SlidingField, project
+from .base import Dynamics, StepResult
+from .flow import _A, _C, _E, FlowOptions
+
+DEBUG = False
+RELEASE_MARGIN = 1e-9  # theta this far outside [0, 1] releases a kink
+SIGNIFICANT = 0.1  # a crossing whose jump could move W by this x rtol ||W|| in a step is an event
+PROBE_EVERY = 25  # steps between refreshes of the normals' scale estimates
+MAX_SHORT_CUTS = 3  # then the crossing is left to the error control
+NEAR_DISTANCE = 1e-2  # a crossing this close (x rtol ||W||) ahead: hold the kink on its surface now
+
+
+class SlidingFlow(Dynamics):
+    """Dormand-Prince 5(4) on the sliding field, with capture / release events."""
+
+    name = "flow"
+    faithful_to_flow = True
+
+    def __init__(self, problem, config):
+        super().__init__(problem, config)
+        options = FlowOptions.from_config(config)
+        self.rtol, self.atol = options.rtol, options.atol
+        unsupported = unsupported_kinks(problem.model)
+        if unsupported:
+            raise UserError(
+                f"integrator=sliding handles ReLU and 2-D max-pool kinks only; this model also has {', '.join(unsupported)} "
+                "(use integrator=cvode or dopri5, or dynamics=gd)"
+            )
+        self.field = SlidingField(problem)
+        self.field.tolerance = 0.1 * self.rtol
+        self.field.before_forward = self.check_abort  # budgets and signals act between passes
+        self.h: Optional[float] = None
+        self.point: Optional[FieldPoint] = None
+        self._spent = 0.0  # fractional gradient-equivalents not yet reported
+        self.events = {"captured": 0, "released": 0, "crossed": 0}
+        self._short_cuts = 0  # consecutive steps cut at a predicted crossing that did not come
+        self._cutting = False
+        self.stats = {k: 0.0 for k in ("accepted", "rejected", "events", "accepted_with_cross", "rejected_with_cross")}
+        self._cut_from: Optional[float] = None  # the step size before an event cut
+        self._probes = None  # directional derivatives of the kink sites along random directions
+        self._probe_w: Optional[torch.Tensor] = None
+        self._probe_age = 0
+
+    # -- checkpoint -------------------------------------------------------------------
+    # Everything the next step reads, so that a resumed run takes the same steps: the point's
+    # own evaluation is redone from the same inputs (multipliers it started from, normals
+    # recomputed where they were last computed, probes where they were last drawn).
+    def state_dict(self) -> dict:
+        field = self.field
+        return {
+            "h": self.h,
+            "sliding": field.sliding.state(),
+            "normals_w": field.normals_w if field.gram_chol is not None else None,
+            "lam": field.lam_state(),
+            "point_lam_in": None if self.point is None else self.point.lam_in,
+            "probe_w": self._probe_w,
+            "probe_age": self._probe_age,
+            "cut": (self._cut_from, self._short_cuts),
+            "spent": self._spent,
+            "events": dict(self.events),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        field = self.field
+        self.h = state["h"]
+        field.sliding = KinkSet.from_state(state["sliding"])
+        field.gram_chol = field.normals = None
+        self._normals_w = state.get("normals_w")
+        field.load_lam_state(state.get("lam"))
+        self._resume_lam_in = state.get("point_lam_in")
+        self._probe_w, self._probe_age = state.get("probe_w"), int(state.get("probe_age", 0))
+        self._probes = None
+        self._cut_from, self._short_cuts = state.get("cut", (None, 0))
+        self._spent = float(state.get("spent", 0.0))
+        self.events = dict(state.get("events", self.events))
+        self.point = None
+
+    def report(self) -> dict:
+        return {
+            "kink_events": dict(self.events),
+            "sliding_kinks": len(self.field.sliding),
+        }
+
+    # -- helpers ------------------------------------------------------------------------
+    def _point_at(self, w: torch.Tensor, ev: Evaluation) -> FieldPoint:
+        """The FSAL point at ``w``: kept from the last step, or evaluated afresh (after a resume
+        or an aborted step, from the inputs the original evaluation had)."""
+        if self.point is not None and torch.equal(self.point.w, w):
+            return self.point
+        field = self.field
+        normals_w = getattr(self, "_normals_w", None)
+        if normals_w is not None and len(field.sliding):
+            _, _, sites = field.watch(normals_w)
+            field.refresh_normals(normals_w, sites)
+        self._normals_w = None
+        if self._probe_w is not None and self._probes is None:
+            self._probes, _ = field.probe_normals(self._probe_w, seed=0)
+        lam_in = getattr(self, "_resume_lam_in", None)
+        self._resume_lam_in = None
+        after = field.lam_state()
+        if lam_in is not None:
+            field.load_lam_state(lam_in)
+        point = self._eval(w)
+        if lam_in is not None:
+            field.load_lam_state(after)
+        return point
+
+    def _eval(self, w: torch.Tensor) -> FieldPoint:
+        point = self.field.evaluate(w)
+        if self.observe is not None:  # the trainer's stall goal counts progress inside steps
+            self.observe(point.log_risk)
+        return point
+
+    def _error_norm(self, err: torch.Tensor, w: torch.Tensor, w_new: torch.Tensor) -> float:
+        # Relative to each weight, floored at rtol * RMS weight: errors far below the typical
+        # weight move neither the direction nor the margins (as in the CVODE flow).
+        floor = max(self.atol, self.rtol * float(w.norm()) / math.sqrt(max(w.numel(), 1)))
+        scale = floor + self.rtol * torch.maximum(w.abs(), w_new.abs())
+        return float(torch.sqrt(torch.mean((err / scale) ** 2)))
+
+    def _initial_step(self, w: torch.Tensor, f0: torch.Tensor) -> float:
+        return 1e-3 * float(w.norm()) / max(float(f0.norm()), 1e-300)
+
+    def _evaluation(self, p: FieldPoint) -> Evaluation:
+        return Evaluation(log_risk=p.log_risk, grad=p.v, margins=p.margins, correct=p.correct)
+
+    def _take(self, cost: float) -> int:
+        self._spent += cost
+        whole = int(self._spent)
+        self._spent -= whole
+        return whole
+
+    # -- one step -----------------------------------------------------------------------
+    def step(self, w, ev, target: Optional[float] = None) -> StepResult:
+        problem = self.problem
+        p0 = self._point_at(w, ev)
+        cost = p0.grad_evals if p0 is not self.point else 0.0
+        if self.h is None:
+            self.h = self._initial_step(w, p0.s_velocity())
+        rejected = 0
+        near_captures = 0
+        if self._probes is None or self._probe_age >= PROBE_EVERY:
+            self._probe_age = 0
+            self._probes, spent = self.field.probe_normals(p0.w, seed=0)
+            self._probe_w = p0.w.detach().clone()
+            cost += spent
+        self._probe_age += 1
+        while True:
+            s_now = math.log(problem.n) - p0.log_risk
+            h = self.h
+            if target is not None and target > s_now:
+                h = min(h, (target - s_now) * (1 + 1e-9))
+            w0 = p0.w
+            ks = [p0.s_velocity()]
+            ok = True
+            p_new = None
+            cross = None  # (kinks, fractions of the step) of the first stage where some crossed
+            attempt_cost = cost
+            for i in range(1, 7):
+                w_stage = w0 + h * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
+                stage = self._eval(w_stage)
+                cost += stage.grad_evals
+                if (
+                    not (math.isfinite(stage.log_risk) and bool(torch.isfinite(stage.v).all()))
+                    or float(stage.v.norm()) == 0
+                ):
+                    ok = False
+                    break
+                ks.append(stage.s_velocity())
+                if cross is None:
+                    found = crossings(
+                        p0.sites, stage.sites, self.field.sliding, _C[i], significant=self._significance(p0, h)
+                    )
+                    cross = found if len(found[0]) else None
+                if i == 6:
+                    p_new = stage
+            if ok:
+                err = h * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
+                err_norm = self._error_norm(err, w0, p_new.w)
+            if not ok or not math.isfinite(err_norm):
+                rejected += 1
+                self.h = 0.25 * h
+                continue
+            factor = 0.9 * err_norm ** (-1 / 5) if err_norm > 0 else 5.0
+            if err_norm <= 1.0:
+                self.stats["accepted"] += cost - attempt_cost
+                self.stats["accepted_with_cross"] += cross is not None
+                self.h = h * min(5.0, max(0.2, factor)) if h == self.h else max(self.h, h)
+                if self._cut_from is not None:
+                    self.h = max(self.h, self._cut_from)  # the cut was for the event, not for accuracy
+                    self._cut_from = None
+                break
+            rejected += 1
+            self.stats["rejected"] += cost - attempt_cost
+            self.stats["rejected_with_cross"] += cross is not None
+            if DEBUG:
+                print(
+                    f"    reject h={h:.3g} err={err_norm:.3g} cross={None if cross is None else float(cross[1].min())}",
+                    flush=True,
+                )
+            if cross is None:
+                continue_with = h * min(1.0, max(0.2, factor))
+                self.h = continue_with
+                continue
+            kinks, frac = cross
+            first = float(frac.min())
+            reach = first * h * float(ks[0].norm())  # distance in W to the first crossing
+            if reach <= NEAR_DISTANCE * self.rtol * float(w0.norm()) and near_captures < 8:
+                # A kink a hair from its surface and heading for it: hold it there now (the move
+                # is far inside the tolerance) and let its Filippov weight decide whether it
+                # slides or passes through; stepping ever closer would not end.
+                near = kinks.subset((frac <= 2 * first).nonzero().flatten())
+                p0, spent = self._capture(p0, near)
+                cost += spent
+                self.stats["events"] += spent
+                near_captures += 1
+                continue
+            if first < min(1.0, max(0.2, factor)) and self._short_cuts < MAX_SHORT_CUTS:
+                # A kink crosses inside the step: the field jumps there, and no smooth error
+                # model predicts the step that would pass.  Land just short of the crossing
+                # (a step through it carries the jump into the error estimate), then hold it.
+                suggested = h * min(1.0, max(0.2, factor))
+                self._cut_from = suggested if self._cut_from is None else min(self._cut_from, suggested)
+                self.h = max(first * (1 - 1e-3), 1e-12) * h
+                self._cutting = True
+                continue
+            self.h = h * min(1.0, max(0.2, factor))
+        p_new, event_cost, happened = self._events(p0, p_new)
+        cost += event_cost
+        self.stats["events"] += event_cost
+        # Count cuts that fell short of their crossing in a row; anything else starts afresh.
+        self._short_cuts = self._short_cuts + 1 if self._cutting and not happened else 0
+        self._cutting = False
+        self.point = p_new
+        return StepResult(p_new.w, self._evaluation(p_new), self._take(cost), rejected)
+
+    def _significance(self, p0: FieldPoint, h: float):
+        """A filter keeping the crossings that matter: a kink whose jump in the field, held for
+        a whole step of ``h``, moves ``W`` by more than a tenth of the tolerance.  The early
+        phase crosses thousands of conv units whose jumps are far below that; the error control
+        of the step absorbs them, as for any smooth right-hand side."""
+        vv = float(torch.dot(p0.v, p0.v))
+        limit = SIGNIFICANT * self.rtol * float(p0.w.norm()) * vv / max(h, 1e-300)
+
+        def keep(kinks: KinkSet) -> torch.Tensor:
+            return jumps(kinks, p0.sites, self._probes) > limit
+
+        return keep
+
+    # -- events -------------------------------------------------------------------------
+    def _events(self, p0: FieldPoint, p1: FieldPoint) -> tuple[FieldPoint, float, bool]:
+        """Captures among the kinks that crossed in the step, then releases."""
+        field = self.field
+        cost = 0.0
+        h = float((p1.w - p0.w).norm()) / max(float(p0.s_velocity().norm()), 1e-300)
+        crossed, _ = crossings(
+            p0.sites, p1.sites, field.sliding, 1.0, side="new", significant=self._significance(p0, h)
+        )
+        capture = KinkSet()
+        if len(crossed):
+            self.events["crossed"] += len(crossed)
+            # dh/ds on the new side, by a forward difference along the new point's velocity:
+            # pointing back at the surface means both sides push toward it, i.e. sliding.
+            u = p1.s_velocity()
+            h1 = field.kink_values(p1.w, crossed)
+            eps = 1e-7 * float(p1.w.norm()) / max(float(u.norm()), 1e-300)
+            h2 = field.kink_values(p1.w + eps * u, crossed)
+            cost += 2 * SlidingField.FORWARD
+            back = (h2 - h1) * torch.sign(h1) < 0
+            capture = crossed.subset(back.nonzero().flatten())
+        if len(capture):
+            p, spent = self._capture(p1, capture)
+            return p, cost + spent, True
+        p, spent, released = self._settle(p1)
+        return p, cost + spent, released or len(crossed) > 0
+
+    def _capture(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
+        """Hold ``kinks`` on their surfaces: project ``p`` onto them, re-evaluate, settle."""
+        field = self.field
+        self.events["captured"] += len(kinks)
+        field.sliding = field.sliding.union(kinks)
+        field.gram_chol = None
+        w, cost = project(field, p.w, p.sites)
+        p = self._eval(w)
+        p, spent, _ = self._settle(p, cost + p.grad_evals)
+        return p, spent
+
+    def _settle(self, p: FieldPoint, cost: float = 0.0) -> tuple[FieldPoint, float, bool]:
+        """Release kinks whose Filippov weight left ``[0, 1]``: one at a time, the worst first,
+        re-evaluating between (an active-set pivot: releasing every kink that looks out of
+        range at once made pairs on nearly parallel surfaces flap in and out together)."""
+        field = self.field
+        released = False
+        for _ in range(len(field.sliding)):
+            if not len(field.sliding):
+                break
+            excess = leave_measure(p.theta, p.delta)
+            if not bool((excess > RELEASE_MARGIN).any()):
+                break
+            keep = torch.ones(len(field.sliding), dtype=torch.bool)
+            keep[int(torch.argmax(excess))] = False
+            field.sliding = field.sliding.subset(keep.nonzero().flatten())
+            field.gram_chol = None
+            self.events["released"] += 1
+            released = True
+            p = self._eval(p.w)
+            cost += p.grad_evals
+        return p, cost, released
+
+
+def leave_measure(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """How far each held kink is from sliding (> 0: it leaves).  It slides when the surface
+    attracts from both sides: the normal speed ``b(theta) = b_0 + theta delta |grad h|^2`` of
+    the combination rises through 0 (``delta > 0``) at a ``theta`` in ``[0, 1]``.  With
+    ``delta < 0`` the surface repels (or is crossed): the kink leaves whatever ``theta`` is.
+    Which side it leaves to needs no decision: both one-sided fields then agree on the sign
+    of ``dh/ds`` (or, repelling, the rounding of ``h`` picks one), and the next steps follow."""
+    outside = torch.maximum(-theta, theta - 1.0)
+    return torch.where(delta > 0, outside, torch.ones_like(theta))
+
+
+def crossings(
+    sites0, sites1, sliding: KinkSet, c: float = 1.0, side: str = "old", significant=None
+) -> tuple[KinkSet, torch.Tensor]:
+    """Kinks outside ``sliding`` that changed side between two forwards (a step's start and a
+    stage at fraction ``c`` of it), with the fraction of the step at which each crossed by
+    linear interpolation of its ``h``.  Pool kinks are held with the window's ``side``
+    winner as ``a``.  A kink that starts on its surface (just released, ``|h|`` at rounding
+    level) is leaving it, not crossing, and is left out."""
+    site, a, b, o, fr = [], [], [], [], []
+    for s0, s1 in zip(sites0, sites1):
+        z0, z1 = s0.z.reshape(-1), s1.z.reshape(-1)
+        if s0.kind == "relu":
+            idx = relu_crossings(s0.z, s1.z)
+            if len(sliding):
+                idx = idx[~torch.isin(idx, sliding.a[sliding.site == s0.index])]
+            h0, h1 = z0[idx], z1[idx]
+            ka, kb, ko = idx, torch.full_like(idx, -1), torch.full_like(idx, -1)
+        else:
+            win, old, new = pool_crossings(s0, s1)
+            if len(sliding):
+                keep = ~torch.isin(win, sliding.o[sliding.site == s0.index])
+                win, old, new = win[keep], old[keep], new[keep]
+            h0, h1 = z0[old] - z0[new], z1[old] - z1[new]
+            ka, kb, ko = (new, old, win) if side == "new" else (old, new, win)
+        frac = h0 / (h0 - h1)
+        keep = torch.isfinite(frac) & (frac > 1e-9)
+        site.append(torch.full_like(ka[keep], s0.index))
+        a.append(ka[keep])
+        b.append(kb[keep])
+        o.append(ko[keep])
+        fr.append(c * frac[keep].clamp(0.0, 1.0))
+    if not site:
+        return KinkSet(), torch.zeros(0)
+    found, frac = KinkSet(torch.cat(site), torch.cat(a), torch.cat(b), torch.cat(o)), torch.cat(fr)
+    if significant is not None and len(found):
+        mask = significant(found)
+        found, frac = found.subset(mask.nonzero().flatten()), frac[mask]
+    return found, frac
+
+
+def jumps(kinks: KinkSet, sites, probes) -> torch.Tensor:
+    """Estimated size ``|delta| ||grad h||`` of the jump each kink makes in the gradient when it
+    changes side: its backward signal times its normal's norm (from random probes)."""
+    out = torch.zeros(len(kinks), dtype=sites[0].z.dtype)
+    by_site = {s.index: (s, pr) for s, pr in zip(sites, probes)}
+    for k in torch.unique(kinks.site).tolist():
+        pos = (kinks.site == k).nonzero().flatten()
+        site, pr = by_site[k]
+        a, b, o = kinks.a[pos], kinks.b[pos], kinks.o[pos]
+        if site.kind == "relu":
+            signal = site.signal.reshape(-1)[a]
+            norm = pr[:, a].pow(2).mean(0).sqrt()
+        else:
+            signal = site.signal.reshape(-1)[o]
+            norm = (pr[:, a] - pr[:, b]).pow(2).mean(0).sqrt()
+        out[pos] = (signal.abs() * norm).to(out.dtype)
+    return out

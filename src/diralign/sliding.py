@@ -1,0 +1,351 @@
+"""The Filippov (sliding-mode) velocity of the gradient flow of a ReLU / max-pool network.
+
+    python -c "from diralign.sliding import SlidingField; help(SlidingField)"
+
+Where a kink function ``h`` (see :mod:`diralign.kinks`) reaches 0 and the flow on both
+sides pushes toward the surface, the Clarke gradient flow *slides* along it (measured:
+on H-AlexNet, 16 digits, about 7 kinks per example do so at any time past ``s = 1``, and
+an unaware integrator crosses each of them at every step).  On the intersection
+``M = {h_a = 0, a in S}`` of the sliding surfaces the flow's velocity is ``-P_T g``, where
+``g`` is a one-sided gradient of ``log L`` and ``P_T`` the orthogonal projection onto the
+tangent space ``T = {u : <grad h_a, u> = 0}``: every derivative choice at the sliding kinks
+changes ``g`` only along ``span{grad h_a}`` (a kink's contribution is its backward signal
+times ``grad h_a``; kinks in series add multiples of the upstream normals), so the
+tangential part is the same for all of them, and the Filippov combination is the one with
+no normal part.  Hence no convex-combination weights need solving: ``v = g - N^T lam`` with
+``N`` the kinks' normals and multipliers ``lam`` such that ``N v = 0``.
+
+**Cost.**  ``N^T lam`` is the gradient of ``lam . h``, so ``g - N^T lam`` is *one* backward
+pass of ``log L - lam . h``.  The multipliers solve ``(N N^T) lam = N g - kappa |v|^2 h``
+(``kappa``: a Baumgarte pull back onto ``M`` against integration drift), and ``N u`` is the
+directional derivative of ``h``: a forward finite difference, one forward pass.  So an
+evaluation is: forward + backward of ``log L`` (``g``, ``h``), forward at ``w + eps g``
+(``N g``), solve with ``N N^T``, backward of ``lam . h`` through the same graph (``N^T lam``):
+about 2 gradient evaluations.  ``N N^T`` itself comes from the normals, one backward per
+kink on its own example (``normals``), and is refreshed when the field's residual check
+says the stored one has gone stale.
+
+The multipliers also tell whether a kink keeps sliding: the weight ``theta`` of its
+positive side in the Filippov combination is ``-lam/delta`` (ReLU, whose side is fixed at
+``relu' = 0``) or ``1 - lam/delta`` (pool, the derivative held on entry ``a``), with
+``delta`` the backward signal at the unit's output.  It leaves the surface when ``theta``
+leaves ``[0, 1]``, to the side it then points to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .kinks import KinkMode, KinkSet, Site
+from .problem import Problem
+
+FD_STEP = 3e-8  # forward difference step for N u, relative to ||w|| / ||u|| (truncation ~ rounding)
+KAPPA = 1.0  # Baumgarte rate (per unit of s) pulling h back to 0 on the sliding surfaces
+
+
+@dataclass
+class FieldPoint:
+    """The sliding flow's state at ``w``: what a step needs and what the probes read."""
+
+    w: torch.Tensor
+    log_risk: float
+    margins: torch.Tensor
+    v: torch.Tensor  # Filippov velocity in the log L clock: dW/dt = -v (the flow's gradient)
+    h: torch.Tensor  # kink values of the sliding set (should be ~0)
+    lam: torch.Tensor  # multipliers
+    theta: torch.Tensor  # positive-side weights (in [0, 1] while a kink slides)
+    delta: torch.Tensor = None  # backward signals at the sliding units' outputs
+    sites: list = field(default_factory=list)  # watch-list records of this forward
+    grad_evals: float = 0.0  # gradient-equivalents spent on this point
+    lam_in: Optional[dict] = None  # the multiplier prediction it started from (exact resume)
+
+    @property
+    def correct(self) -> int:
+        return int((self.margins > 0).sum())
+
+    def s_velocity(self) -> torch.Tensor:
+        """``dW/ds = -v/||v||^2`` (the clock ``s = ln(n/L)``)."""
+        return -self.v / torch.dot(self.v, self.v)
+
+
+def example_sizes(sites: list[Site], n: int) -> list[int]:
+    return [s.z.numel() // n for s in sites]
+
+
+class SlidingField:
+    """Evaluate the sliding flow at ``w`` for the current sliding set ``S``."""
+
+    # Cost weights of the pieces, in gradient evaluations (forward = 1/3, backward = 2/3).
+    FORWARD = 1.0 / 3.0
+
+    def __init__(self, problem: Problem, kappa: float = KAPPA):
+        self.problem = problem
+        self.kappa = float(kappa)
+        self.sliding = KinkSet()
+        self.gram_chol: Optional[torch.Tensor] = None  # Cholesky factor of N N^T (stale allowed)
+        self.normals: Optional[torch.Tensor] = None  # N at the last refresh
+        self.normals_w: Optional[torch.Tensor] = None
+        self.tolerance = 1e-7  # relative normal speed left in v (the dynamics sets 0.1 rtol)
+        self._lam: Optional[torch.Tensor] = None
+        self._lam_keys: list = []
+        self.last_residual = 0.0
+        self.before_forward = None  # called before every pass (the dynamics' abort check)
+
+    # -- forward passes -----------------------------------------------------------------
+    def _forward(self, w: torch.Tensor, sliding: Optional[KinkSet], graph: bool, record: bool = True):
+        if self.before_forward is not None:
+            self.before_forward()
+        problem = self.problem
+        mode = KinkMode(sliding, record=record)
+        if graph:
+            w = w.detach().requires_grad_(True)
+        context = torch.enable_grad() if graph else torch.no_grad()
+        with context:
+            with mode:
+                out = problem.forward(w, problem.X)
+            log_losses, margins = problem._log_losses_and_margins(out, problem.y)
+            log_risk = torch.logsumexp(log_losses, dim=0)
+        return w, log_risk, margins.detach(), mode
+
+    def kink_values(self, w: torch.Tensor, sliding: KinkSet) -> torch.Tensor:
+        _, _, _, mode = self._forward(w, sliding, graph=False, record=False)
+        return mode.h.detach()
+
+    def watch(self, w: torch.Tensor) -> tuple[float, torch.Tensor, list[Site]]:
+        """``log L``, margins and the watch-list at ``w`` (a forward pass only)."""
+        _, log_risk, margins, mode = self._forward(w, self.sliding if len(self.sliding) else None, graph=False)
+        return float(log_risk), margins, mode.sites
+
+    # -- the field ------------------------------------------------------------------------
+    def lam_state(self) -> dict:
+        return {"lam": None if self._lam is None else self._lam.clone(), "keys": list(self._lam_keys)}
+
+    def load_lam_state(self, state: Optional[dict]) -> None:
+        state = state or {"lam": None, "keys": []}
+        self._lam = None if state["lam"] is None else state["lam"].clone()
+        self._lam_keys = [tuple(k) for k in state["keys"]]
+
+    def refresh_normals(self, w: torch.Tensor, sites: list[Site]) -> float:
+        N, spent = self.normals_at(w, sites)
+        self.gram_chol = gram_cholesky(N)
+        self.normals, self.normals_w = N, w.detach().clone()
+        return spent
+
+    def evaluate(self, w: torch.Tensor) -> FieldPoint:
+        lam_in = self.lam_state()
+        point = self._evaluate(w)
+        point.lam_in = lam_in
+        return point
+
+    def _evaluate(self, w: torch.Tensor) -> FieldPoint:
+        sliding = self.sliding if len(self.sliding) else None
+        wg, log_risk, margins, mode = self._forward(w, sliding, graph=True)
+        if sliding is None:
+            g = self._backward(log_risk, wg, mode.sites, retain=False)
+            empty = g.new_zeros(0)
+            return FieldPoint(w, float(log_risk), margins, g, empty, empty, empty, empty, mode.sites, 1.0)
+        h = mode.h
+        hd = h.detach()
+        chol, cost = self._gram(w, mode.sites)
+        # One backward of log L - lam_p . h with the multipliers predicted from the last point
+        # (they vary smoothly along the flow), then the residual N v - kappa |v|^2 h by a
+        # forward difference, and the correction -N_0^T M_0^{-1} r with the stored normals N_0
+        # (exact for first-layer kinks, whose normals do not depend on W).  A second residual
+        # certifies the result; if the stored normals have gone stale it fails, and the exact
+        # correction (a backward of dlam . h through the same graph) is taken instead.
+        lam = self._predicted_multipliers(hd)
+        phi = log_risk - torch.dot(lam, h)
+        v = self._backward(phi, wg, mode.sites, retain=True)
+        delta = sliding_signals(self.sliding, mode.sites)
+        cost += 1.0
+        N0 = self.normals
+        previous = math.inf
+        for attempt in range(5):
+            resid = self._directional(w, v, hd) - self.kappa * float(torch.dot(v, v)) * hd
+            cost += self.FORWARD
+            dlam = torch.cholesky_solve(resid[:, None], chol)[:, 0]
+            # ||N^T dlam|| ~ sqrt(dlam . r): the normal speed this point's velocity still has.
+            normal = math.sqrt(max(float(torch.dot(dlam, resid)), 0.0))
+            self.last_residual = normal / max(float(v.norm()), 1e-300)
+            if self.last_residual <= self.tolerance:
+                break
+            if attempt >= 2 and normal > 0.3 * previous:
+                self.gram_chol = None  # N N^T has gone stale: the iteration contracts slowly
+            previous = normal
+            lam = lam + dlam
+            if attempt == 0:
+                v = v - N0.T @ dlam
+            else:
+                (pull,) = torch.autograd.grad(h, wg, grad_outputs=dlam, retain_graph=True)
+                cost += 2.0 / 3.0
+                v = v - pull
+        self._remember(lam)
+        theta = self._theta(lam, delta)
+        return FieldPoint(
+            w, float(log_risk), margins, v.detach(), hd, lam.detach(), theta, delta.detach(), mode.sites, cost
+        )
+
+    @staticmethod
+    def _backward(phi: torch.Tensor, wg: torch.Tensor, sites: list[Site], retain: bool) -> torch.Tensor:
+        """``d phi/dw``, and each site's backward signal ``d phi/d(out)`` stored on the site (the
+        size of the jump a kink there makes in the gradient, with its normal's norm)."""
+        outs = [s.out for s in sites]
+        grads = torch.autograd.grad(phi, [wg] + outs, retain_graph=retain, allow_unused=True)
+        for site, g in zip(sites, grads[1:]):
+            site.signal = torch.zeros_like(site.out).detach() if g is None else g.detach()
+            site.out = None  # the graph is not needed beyond this point
+        return grads[0]
+
+    def probe_normals(self, w: torch.Tensor, probes: int = 2, seed: int = 0) -> tuple[list[torch.Tensor], float]:
+        """Directional derivatives of every kink-site input along ``probes`` seeded Gaussian
+        directions ``r`` (``E[(grad z . r)^2] = ||grad z||^2``), by forward differences: the
+        scale of every kink's normal at once for ``probes`` forward passes."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        _, _, base = self.watch(w)
+        samples = [[] for _ in base]
+        for _ in range(probes):
+            r = torch.randn(w.numel(), generator=gen, dtype=w.dtype).to(w.device)
+            eps = FD_STEP * max(float(w.norm()), 1e-300) / float(r.norm())
+            _, _, moved = self.watch(w + eps * r)
+            for out, s0, s1 in zip(samples, base, moved):
+                out.append(((s1.z - s0.z) / eps).reshape(-1))
+        return [torch.stack(x) for x in samples], probes * self.FORWARD + self.FORWARD
+
+    def _predicted_multipliers(self, h: torch.Tensor) -> torch.Tensor:
+        keys = self.sliding.keys()
+        if self._lam is not None and self._lam_keys == keys:
+            return self._lam.clone()
+        lam = torch.zeros(len(keys), dtype=h.dtype, device=h.device)
+        if self._lam is not None:
+            old = {k: i for i, k in enumerate(self._lam_keys)}
+            for i, k in enumerate(keys):
+                if k in old:
+                    lam[i] = self._lam[old[k]]
+        return lam
+
+    def _remember(self, lam: torch.Tensor) -> None:
+        self._lam = lam.detach().clone()
+        self._lam_keys = self.sliding.keys()
+
+    def _theta(self, lam: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(delta.abs() > 0, delta, torch.full_like(delta, 1e-300))
+        ratio = lam / safe
+        return torch.where(self.sliding.is_pool.to(lam.device), 1.0 - ratio, -ratio)
+
+    def _directional(self, w: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """``N u``: forward difference of the sliding kinks' values along ``u``."""
+        un = float(u.norm())
+        if un == 0:
+            return torch.zeros_like(h0)
+        eps = FD_STEP * max(float(w.norm()), 1e-300) / un
+        h1 = self.kink_values(w + eps * u, self.sliding)
+        return (h1 - h0) / eps
+
+    # -- normals and their Gram matrix ----------------------------------------------------
+    def _gram(self, w: torch.Tensor, sites: list[Site]) -> tuple[torch.Tensor, float]:
+        spent = 0.0
+        if self.gram_chol is None or self.gram_chol.shape[0] != len(self.sliding):
+            spent = self.refresh_normals(w, sites)
+        return self.gram_chol, spent
+
+    def normals_at(
+        self, w: torch.Tensor, sites: list[Site], kinks: Optional[KinkSet] = None
+    ) -> tuple[torch.Tensor, float]:
+        """The rows ``grad h_a`` of ``N``: per example holding kinks, one forward of that example
+        alone and one batched backward over its kinks (``is_grads_batched``).  Costs about
+        ``(#examples with kinks + #kinks) / n`` gradient evaluations."""
+        problem = self.problem
+        kinks = self.sliding if kinks is None else kinks
+        n = problem.n
+        sizes_in = {s.index: s.z.numel() // n for s in sites}
+        sizes_out = {s.index: (s.argmax.numel() // n if s.argmax is not None else 0) for s in sites}
+        site_l = kinks.site.tolist()
+        per = torch.tensor([sizes_in[k] for k in site_l], dtype=torch.long)
+        example = kinks.a // per
+        rows = torch.zeros(len(kinks), problem.dim, dtype=problem.dtype, device=problem.device)
+        spent = 0.0
+        for i in torch.unique(example).tolist():
+            mine = (example == i).nonzero().flatten()
+            # The sliding set restricted to example i, re-indexed to a batch of one.
+            own = (
+                self.sliding.a // torch.tensor([sizes_in[k] for k in self.sliding.site.tolist()], dtype=torch.long)
+            ) == i
+            local = self.sliding.subset(own.nonzero().flatten())
+            local = _shift(local, i, sizes_in, sizes_out)
+            target = _shift(kinks.subset(mine), i, sizes_in, sizes_out)
+            both = KinkSet(
+                torch.cat([local.site, target.site]),
+                torch.cat([local.a, target.a]),
+                torch.cat([local.b, target.b]),
+                torch.cat([local.o, target.o]),
+            )
+            mode = KinkMode(both, record=False)
+            wg = w.detach().requires_grad_(True)
+            with torch.enable_grad():
+                with mode:
+                    problem.forward(wg, problem.X[i : i + 1])
+                h = mode.h[len(local) :]
+                eye = torch.eye(h.numel(), dtype=h.dtype, device=h.device)
+                (jac,) = torch.autograd.grad(h, wg, grad_outputs=eye, is_grads_batched=True)
+            rows[mine] = jac
+            spent += (1.0 + 2.0 * h.numel()) / (3.0 * n)
+        return rows, spent
+
+
+def sliding_signals(sliding: KinkSet, sites: list[Site]) -> torch.Tensor:
+    """Backward signal ``delta`` at each sliding kink's unit output (ReLU) or window (pool)."""
+    delta = torch.zeros(len(sliding), dtype=torch.float64)
+    by_site = {s.index: s for s in sites}
+    for k in torch.unique(sliding.site).tolist():
+        pos = (sliding.site == k).nonzero().flatten()
+        site = by_site[k]
+        idx = sliding.o[pos] if site.kind == "pool" else sliding.a[pos]
+        delta[pos] = site.signal.reshape(-1)[idx].double().cpu()
+    return delta.to(sites[0].z.dtype) if sites else delta
+
+
+def gram_cholesky(N: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``N N^T`` with a relative ridge of 1e-13 (duplicate normals: two
+    examples with the same input, or a unit sliding on two examples with parallel inputs)."""
+    gram = N @ N.T
+    ridge = 1e-13 * float(gram.diagonal().max()) if gram.numel() else 0.0
+    return torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+
+
+def _shift(kinks: KinkSet, i: int, sizes_in: dict, sizes_out: dict) -> KinkSet:
+    sites = kinks.site.tolist()
+    din = torch.tensor([sizes_in[k] * i for k in sites], dtype=torch.long)
+    dout = torch.tensor([sizes_out[k] * i for k in sites], dtype=torch.long)
+    pool = kinks.b >= 0
+    return KinkSet(
+        kinks.site.clone(),
+        kinks.a - din,
+        torch.where(pool, kinks.b - din, kinks.b),
+        torch.where(pool, kinks.o - dout, kinks.o),
+    )
+
+
+def project(
+    field: SlidingField, w: torch.Tensor, sites: list[Site], iterations: int = 4, tol: float = 1e-13
+) -> tuple[torch.Tensor, float]:
+    """Newton steps ``w <- w - N^T (N N^T)^{-1} h(w)`` onto the sliding surfaces ``h = 0``
+    (the normals refreshed at ``w``); returns the point and the gradient-equivalents spent."""
+    spent = 0.0
+    if not len(field.sliding):
+        return w, spent
+    N, spent = field.normals_at(w, sites)
+    chol = gram_cholesky(N)
+    scale = float(w.norm())
+    for _ in range(iterations):
+        h = field.kink_values(w, field.sliding)
+        spent += SlidingField.FORWARD
+        step = N.T @ torch.cholesky_solve(h[:, None], chol)[:, 0]
+        w = w - step
+        if float(step.norm()) <= tol * scale:
+            break
+    field.gram_chol, field.normals, field.normals_w = chol, N, w.detach().clone()
+    return w, spent
