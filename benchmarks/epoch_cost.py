@@ -48,7 +48,8 @@ SGD_SEED_OFFSET = 20_200_612  # MinibatchSGD's shuffle generator: seed + this (r
 
 def _overrides(args, model: str, data: str) -> list[str]:
     sets = [f"model={model}", f"data={data}", f"batch_size={args.batch_size}", f"device={args.device}",
-            f"dtype={args.dtype}", f"threads={args.threads}", f"chunk_size={args.chunk_size}"]
+            f"dtype={args.dtype}", f"threads={args.threads}", f"chunk_size={args.chunk_size}",
+            "stall_seconds=0"]  # a few epochs on a loaded machine must not read as a stalled run
     if data == "synthetic-images":
         sets.append(f"n={args.n}")
     elif args.subset:
@@ -167,6 +168,8 @@ def diralign_epochs(model: str, data: str, args, epochs: int, forward: tuple) ->
         summary, _, _ = start_run(MarginsExperiment(), sets, Path(tmp) / "run", quiet=True)
         log_rows = _log_rows(Path(tmp) / "run")
     work = int(summary["steps"]) + int(summary["rejected_steps"])
+    if work == 0:
+        raise RuntimeError(f"the diralign run stopped before its first epoch (stop_reason {summary.get('stop_reason')})")
     full_batch = any(fb for _, fb in rec.steps)
     grad_passes = [t for t, g, inside in rec.passes if g and inside]
     out = {

@@ -13,8 +13,9 @@ Variants of the minibatch gradient ``grad log L_B`` (the sgd hot path), all from
 * ``compiled``: ``leaves`` through ``torch.compile`` of the module (compile time reported apart).
 
 and of the forward-only full-data risk check: ``no_grad`` against ``inference_mode``.
-The relative difference of each variant's gradient from ``leaves`` is printed too: a layout
-or a compiler may change the summation order, and with it the low bits.
+The relative difference of each variant's gradient from ``leaves`` is printed too (a layout
+or a compiler may change the summation order, and with it the low bits), and with
+``--float64-reference`` each one's error against the same gradient in float64.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 
-def setup(model: str, n: int, device: str):
+def setup(model: str, n: int, device: str, dtype: str = "float32"):
     from diralign.config import apply_overrides
     from diralign.experiments.margins import MarginsExperiment
 
     experiment = MarginsExperiment()
-    config = apply_overrides(experiment.default_config(), [f"model={model}", "data=synthetic-images", f"n={n}", f"device={device}"])
-    return experiment.setup(config, torch.float32, torch.device(device))
+    config = apply_overrides(experiment.default_config(),
+                             [f"model={model}", "data=synthetic-images", f"n={n}", f"device={device}", f"dtype={dtype}"])
+    return experiment.setup(config, getattr(torch, dtype), torch.device(device))
 
 
 def variants(problem, w, index, compile_model: bool):
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling on a CPU)")
+    parser.add_argument("--float64-reference", action="store_true", help="also each gradient's error against float64")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,6 +103,14 @@ def main(argv=None) -> int:
     compile_seconds = fns.pop("_compile_seconds", None)
     reference = fns["leaves"]()
     differences = {name: float((fn() - reference).norm() / reference.norm()) for name, fn in fns.items()}
+    errors = {}
+    if args.float64_reference and problem.dtype != torch.float64:
+        # The same weights (float32 values, exactly representable) and images in float64:
+        # how far each float32 variant is from the gradient it approximates.
+        s64 = setup(args.model, max(args.n, args.batch_size), args.device, "float64")
+        s64.problem.X = problem.X.to(torch.float64)  # the float32 images themselves, exactly
+        exact = variants(s64.problem, w.to(torch.float64), index, False)["leaves"]().double()
+        errors = {name: float((fn().double() - exact).norm() / exact.norm()) for name, fn in fns.items()}
 
     def no_grad():
         with torch.no_grad():
@@ -134,8 +145,9 @@ def main(argv=None) -> int:
         med, cmed = statistics.median(times[name]), statistics.median(cpu_times[name])
         rel = statistics.median(clock[name]) / (fwd if name.startswith("forward") else base)
         rows[name] = {"median_seconds": med, "min_seconds": min(times[name]), "median_cpu_seconds": cmed, "relative": rel,
-                      "gradient_difference": differences.get(name)}
+                      "gradient_difference": differences.get(name), "error_vs_float64": errors.get(name)}
         diff = f"  grad differs from leaves by {differences[name]:.1e}" if name in differences else ""
+        diff += f", from float64 by {errors[name]:.1e}" if name in errors else ""
         print(f"{args.model:>12} {name:<24} wall {med:7.3f} s  cpu {cmed:7.3f} s  x{rel:.3f}{diff}", flush=True)
     print(f"ratios ('x') from {'CPU' if clock is cpu_times else 'wall'} time")
     if compile_seconds is not None:

@@ -29,7 +29,7 @@ def test_reduced_dry_run_writes_the_report(tmp_path):
     margins = report["steps"]["margins"]["result"]
     assert margins["fig2_png"] and margins["n"] == 20 and margins["ln_n_over_L"] >= math.log(20) + 18.42
     epoch = report["steps"]["epochs"]["result"]["h-alexnet"]
-    assert epoch["epochs"] == 2 and epoch["seconds_per_epoch"] > 0 and epoch["n"] == 24
+    assert 1 <= epoch["epochs"] <= 2 and epoch["seconds_per_epoch"] > 0 and epoch["n"] == 24
     assert epoch["target_ln_n_over_L"] == math.log(24) - math.log(1e-8)
     assert set(report["steps"]) == {"env", "margins", "epochs"}
 

@@ -153,9 +153,10 @@ class MinibatchSGD(Dynamics):
         """
         self.check_abort()
         if not with_grad:
-            new = self.problem.evaluate(w_new, need_grad=False)
+            new = self.observed(self.problem.evaluate(w_new, need_grad=False))
             return new if finite(new) else None
         new, gradient = self.problem.evaluate_deferred(w_new)
+        self.observed(new)  # the full-data risk, for the trainer's stall goal
         if not math.isfinite(new.log_risk):
             return None
         new.grad = gradient()
