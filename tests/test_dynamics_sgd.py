@@ -118,7 +118,7 @@ def test_device_controller_equals_host_controller_with_caps():
     w_dev = sgd._epoch(setup.w0, ev, order)
     w_host, eta_host, capped = host_epoch(problem, setup.w0, ev.log_risk, order, 50.0, 16, 0.02)
     assert capped > 0 and sgd.capped_updates == capped
-    assert math.isclose(sgd.eta, eta_host, rel_tol=1e-13)
+    assert math.isclose(sgd._eta_after_epoch, eta_host, rel_tol=1e-13)
     torch.testing.assert_close(w_dev, w_host, rtol=1e-12, atol=1e-14)
     assert sgd._spent == 1.0  # three minibatches of 16, 16 and 8 of the 40 examples
 
@@ -144,3 +144,38 @@ def test_non_finite_minibatch_rejects_the_epoch_and_halves_eta(monkeypatch):
     assert result.rejected == 1 and math.isfinite(result.ev.log_risk)
     assert torch.isfinite(result.w).all()
     assert sgd.eta == 0.1 * 0.5 * config.eta_growth  # halved once, grown once on acceptance
+
+
+def test_caps_taken_in_a_rejected_epoch_do_not_outlive_it(monkeypatch):
+    """An overshooting epoch makes a later minibatch's risk e^k times the epoch's starting risk,
+    and the norm cap cuts eta by ~e^k.  When the epoch is rejected, the next try must start
+    from half the epoch's *starting* eta: keeping the cut collapsed eta from 2e-4 to 1e-9 in
+    one epoch on H-AlexNet with all digits."""
+    setup, config = small_problem(eta=0.1, max_update_ratio=0.1)
+    problem = setup.problem
+    ev = problem.evaluate(setup.w0)
+    sgd = MinibatchSGD(problem, config)
+    real_minibatch, real_check = problem.minibatch, sgd._check
+    calls = {"minibatch": 0, "check": 0}
+
+    def overshooting(w, index):
+        calls["minibatch"] += 1
+        log_risk, grad = real_minibatch(w, index)
+        if calls["minibatch"] == 2:  # the first epoch's second minibatch: its risk is e^30 too high
+            log_risk = log_risk + 30.0
+        return log_risk, grad
+
+    def first_rejected(w_new, with_grad):
+        calls["check"] += 1
+        return None if calls["check"] == 1 else real_check(w_new, with_grad)
+
+    monkeypatch.setattr(problem, "minibatch", overshooting)
+    monkeypatch.setattr(sgd, "_check", first_rejected)
+    result = sgd.step(setup.w0, ev)
+    assert result.rejected == 1 and sgd.capped_updates >= 1  # the cap did act in the rejected epoch
+    assert math.isfinite(result.ev.log_risk)
+    # halved once from 0.1, grown once; the e^-30 cut is gone (unless the second try was capped too)
+    caps_in_second_try = sgd.capped_updates - 1
+    if caps_in_second_try == 0:
+        assert math.isclose(sgd.eta, 0.1 * 0.5 * config.eta_growth, rel_tol=1e-12)
+    assert sgd.eta > 1e-6
