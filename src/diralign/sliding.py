@@ -119,7 +119,7 @@ class SlidingField:
     def watch(self, w: torch.Tensor) -> tuple[float, torch.Tensor, list[Site]]:
         """``log L``, margins and the watch-list at ``w`` (a forward pass only)."""
         _, log_risk, margins, mode = self._forward(w, self.sliding if len(self.sliding) else None, graph=False)
-        return float(log_risk), margins, mode.sites
+        return float(log_risk.detach()), margins, mode.sites
 
     # -- the field ------------------------------------------------------------------------
     def lam_state(self) -> dict:
@@ -148,7 +148,7 @@ class SlidingField:
         if sliding is None:
             g = self._backward(log_risk, wg, mode.sites, retain=False)
             empty = g.new_zeros(0)
-            return FieldPoint(w, float(log_risk), margins, g, empty, empty, empty, empty, mode.sites, 1.0)
+            return FieldPoint(w, float(log_risk.detach()), margins, g, empty, empty, empty, empty, mode.sites, 1.0)
         h = mode.h
         hd = h.detach()
         chol, cost = self._gram(w, mode.sites)
@@ -190,7 +190,7 @@ class SlidingField:
         consistent = float((lam - lam_start).norm()) <= 1e-4 * float(lam.norm()) + 1e-300
         return FieldPoint(
             w,
-            float(log_risk),
+            float(log_risk.detach()),
             margins,
             v.detach(),
             hd,
