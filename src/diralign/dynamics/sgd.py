@@ -17,7 +17,8 @@ forward pass (the full gradient, needed only for alignment, is added at log poin
 Safeguards, as in the paper: an update longer than ``max_update_ratio * ||W||`` shrinks
 ``eta`` until it fits; an epoch whose minibatch risk is non-finite, or whose full-data risk
 at the end is non-finite or higher than at the start, is rejected: ``W`` is restored, ``eta``
-halved and the epoch redone with the next shuffle.  Accepted epochs grow ``eta`` by
+(as capped at the epoch's starting point, not by the caps of points it overshot to) halved
+and the epoch redone with the next shuffle.  Accepted epochs grow ``eta`` by
 ``eta_growth``.  Rejected epochs are counted and never logged as progress.  With
 ``accept_window = m > 1`` (default 1; ``margins`` uses 10) "higher than at the start" becomes
 "higher than the highest risk of the last ``m`` accepted epochs": the non-monotone
