@@ -344,15 +344,7 @@ def probe(model: nn.Module, X, y, loss: str = "logistic", chunk_size: Optional[i
 
 def probe_verdict(p: dict) -> str:
     parts = [p["homogeneity_verdict"]]
-    extras = [
-        name
-        for key, name in (
-            ("has_bias", "biases"),
-            ("has_batch_norm", "batch norm"),
-            ("has_skip_connections", "skip connections"),
-        )
-        if p[key]
-    ]
+    extras = runner.structural_extras(p)
     if extras:
         parts.append("has " + ", ".join(extras))
     parts.append(f"train accuracy {p['train_accuracy']:.4g}")

@@ -57,17 +57,15 @@ def assumption_report(setup, config) -> dict:
     }
 
 
+def structural_extras(report: dict) -> list[str]:
+    """What the model has that puts it outside Assumption 2.1 (the report's or a probe's keys)."""
+    named = (("has_bias", "biases"), ("has_batch_norm", "batch norm"), ("has_skip_connections", "skip connections"))
+    return [name for key, name in named if report[key]]
+
+
 def format_assumptions(report: dict) -> str:
     lines = [f"model: {report['homogeneity_verdict']}"]
-    extras = [
-        name
-        for key, name in (
-            ("has_bias", "biases"),
-            ("has_batch_norm", "batch norm"),
-            ("has_skip_connections", "skip connections"),
-        )
-        if report[key]
-    ]
+    extras = structural_extras(report)
     if extras:
         lines.append("  outside Assumption 2.1 (homogeneous, definable): has " + ", ".join(extras))
     homogeneity = report["homogeneity"]

@@ -5,7 +5,8 @@ accepted point and reports what it cost.  Dynamics hold only their own controlle
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,3 +95,19 @@ class Dynamics:
 
 def finite(ev: Evaluation) -> bool:
     return math.isfinite(ev.log_risk) and (ev.grad is None or bool(torch.isfinite(ev.grad).all()))
+
+
+@contextmanager
+def one_thread(active: bool) -> Iterator[None]:
+    """torch's intra-op threads set to one for the block when ``active``, restored after.  For
+    integrators making many small evaluations: on a shared 2-core machine two OpenMP threads
+    spin at every barrier (see ``CvodeFlow`` and ``SlidingFlow``)."""
+    if not active:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

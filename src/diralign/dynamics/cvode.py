@@ -63,7 +63,7 @@ import torch
 from ..errors import UserError
 from ..options import Options, option
 from ..runtime import RuntimeOptions
-from .base import Dynamics, StepResult, finite
+from .base import Dynamics, StepResult, finite, one_thread
 from .flow import FlowOptions
 
 JACOBIANS = ("auto", "hvp", "dq")
@@ -358,14 +358,8 @@ class CvodeFlow(Dynamics):
         return end, end, True
 
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
-        if not self.single_thread:
+        with one_thread(self.single_thread):
             return self._step(w, ev, target)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._step(w, ev, target)
-        finally:
-            torch.set_num_threads(threads)
 
     def _step(self, w, ev, target: Optional[float]) -> StepResult:
         seg = self.segment

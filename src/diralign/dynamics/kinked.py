@@ -37,7 +37,7 @@ from ..kinks import KinkSet, pool_crossings, relu_crossings, unsupported_kinks
 from ..problem import Evaluation
 from ..runtime import RuntimeOptions
 from ..sliding import FieldPoint, SlidingField, project
-from .base import Dynamics, StepResult
+from .base import Dynamics, StepResult, one_thread
 from .flow import _A, _C, _E, FlowOptions
 
 DEBUG = False
@@ -175,14 +175,8 @@ class SlidingFlow(Dynamics):
 
     # -- one step -----------------------------------------------------------------------
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
-        if not self.single_thread:
+        with one_thread(self.single_thread):
             return self._step(w, ev, target)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._step(w, ev, target)
-        finally:
-            torch.set_num_threads(threads)
 
     def _step(self, w, ev, target: Optional[float]) -> StepResult:
         problem = self.problem
