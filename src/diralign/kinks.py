@@ -110,10 +110,16 @@ class KinkMode(TorchFunctionMode):
     derivative of the loss with respect to the unit's output, or the window's).
     """
 
-    def __init__(self, sliding: Optional[KinkSet] = None, record: bool = True):
+    def __init__(self, sliding: Optional[KinkSet] = None, record: bool = True, pattern: Optional[dict] = None):
         super().__init__()
         self.sliding = sliding if sliding is not None and len(sliding) else None
         self.record = record
+        # A frozen activation pattern (site index -> ReLU mask or pool argmax, see
+        # :func:`pattern_of`): the forward then computes the smooth piece of that pattern,
+        # continued past its switching surfaces.  An integrator of smooth pieces needs this:
+        # its trial points straddle a surface the solution is about to meet, and the true
+        # (kinked) field there would make its Newton iterations fail step after step.
+        self.pattern = pattern
         self.sites: list[Site] = []
         self.h_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions in sliding, h values)
         self.signal_parts: list[
@@ -173,7 +179,8 @@ class KinkMode(TorchFunctionMode):
 
     def _relu(self, z: torch.Tensor) -> torch.Tensor:
         k = self._next()
-        out = torch.relu(z)
+        frozen = None if self.pattern is None else self.pattern.get(k)
+        out = torch.relu(z) if frozen is None else z * frozen.to(z.dtype)
         pos = self._sliding_here(k)
         if pos is not None:
             a = self.sliding.a[pos].to(z.device)
@@ -201,6 +208,9 @@ class KinkMode(TorchFunctionMode):
             planes, area = x.shape[0], x.shape[1] * x.shape[2]
         base = (torch.arange(planes, device=x.device) * area).view(planes, 1)
         argmax = (ind.reshape(planes, -1) + base).reshape(out.shape)
+        frozen = None if self.pattern is None else self.pattern.get(k)
+        if frozen is not None:  # the frozen winners' values (the sites record the true argmax)
+            out = x.reshape(-1)[frozen.reshape(-1)].view_as(out)
         pos = self._sliding_here(k)
         if pos is not None:
             a = self.sliding.a[pos].to(x.device)
@@ -214,6 +224,12 @@ class KinkMode(TorchFunctionMode):
         if self.record:
             self.sites.append(Site(k, "pool", x.detach(), argmax.detach(), out=out))
         return (out, ind) if want_indices else out
+
+
+def pattern_of(sites: list[Site]) -> dict:
+    """The activation pattern recorded by a forward: ReLU masks (``z > 0``) and pool argmaxes,
+    by site index, for :class:`KinkMode`'s ``pattern``."""
+    return {s.index: (s.z > 0) if s.kind == "relu" else s.argmax.clone() for s in sites}
 
 
 SUPPORTED = {"ReLU", "relu", "relu_", "MaxPool2d", "max_pool2d"}

@@ -95,13 +95,14 @@ class SlidingField:
         self._lam_keys: list = []
         self.last_residual = 0.0
         self.before_forward = None  # called before every pass (the dynamics' abort check)
+        self.pattern: Optional[dict] = None  # a frozen activation pattern (KinkMode's), or None
 
     # -- forward passes -----------------------------------------------------------------
     def _forward(self, w: torch.Tensor, sliding: Optional[KinkSet], graph: bool, record: bool = True):
         if self.before_forward is not None:
             self.before_forward()
         problem = self.problem
-        mode = KinkMode(sliding, record=record)
+        mode = KinkMode(sliding, record=record, pattern=self.pattern)
         if graph:
             w = w.detach().requires_grad_(True)
         context = torch.enable_grad() if graph else torch.no_grad()

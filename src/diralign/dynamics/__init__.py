@@ -20,6 +20,7 @@ from .gd import NormalizedGD, StepOptions
 from .kinked import SlidingFlow
 from .loss_based import LossBasedGD
 from .sgd import MinibatchSGD, SGDOptions
+from .sliding_cvode import SlidingCvode
 from .warm import WarmStartFlow
 
 DYNAMICS = {
@@ -29,7 +30,7 @@ DYNAMICS = {
     "loss-based": LossBasedGD,
     "constant-gd": ConstantStepGD,
 }
-FLOW_INTEGRATORS = {"dopri5": Dopri5Flow, "cvode": CvodeFlow, "sliding": SlidingFlow}
+FLOW_INTEGRATORS = {"dopri5": Dopri5Flow, "cvode": CvodeFlow, "sliding": SlidingCvode, "sliding-dopri5": SlidingFlow}
 
 
 @dataclass

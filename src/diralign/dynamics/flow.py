@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..options import Options, option
 from .base import Dynamics, StepResult, finite
 
-INTEGRATORS = ("auto", "cvode", "dopri5", "sliding")
+INTEGRATORS = ("auto", "cvode", "dopri5", "sliding", "sliding-dopri5")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class FlowOptions(Options):
     integrator: str = option(
         "auto",
         "auto (sliding for ReLU/max-pool models, else cvode), cvode (BDF, stiff-aware), dopri5 (explicit reference), "
-        "sliding (event-aware Filippov flow for kinks)",
+        "sliding (event-aware Filippov flow for kinks, CVODE between events), sliding-dopri5 (the same, explicit)",
     )
     rtol: float = option(1e-6, "relative tolerance of the flow integrator")
     flow_from_ln: Optional[float] = option(

@@ -54,6 +54,7 @@ class SlidingFlow(Dynamics):
 
     name = "flow"
     faithful_to_flow = True
+    release_margin = RELEASE_MARGIN
 
     def __init__(self, problem, config):
         super().__init__(problem, config)
@@ -389,7 +390,7 @@ class SlidingFlow(Dynamics):
             if not len(field.sliding):
                 break
             excess = leave_measure(p.theta, p.delta)
-            if not bool((excess > RELEASE_MARGIN).any()):
+            if not bool((excess > self.release_margin).any()):
                 break
             if not p.consistent:
                 # The backward signals delta (in theta = -lam/delta) came from the multipliers
