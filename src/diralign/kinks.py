@@ -82,9 +82,11 @@ class KinkSet:
         a = torch.cat([self.a, other.a])
         b = torch.cat([self.b, other.b])
         o = torch.cat([self.o, other.o])
-        key = torch.where(b >= 0, o, a)  # a window is one kink whatever pair holds it
+        # A ReLU kink is its unit; a pool kink its window and runner-up: a window tied among
+        # three entries or more holds one kink per runner-up, all with the same winner ``a``.
+        key = torch.where(b >= 0, o, a)
         seen, keep = set(), []
-        for i, k in enumerate(zip(site.tolist(), (b >= 0).tolist(), key.tolist())):
+        for i, k in enumerate(zip(site.tolist(), (b >= 0).tolist(), key.tolist(), b.tolist())):
             if k not in seen:
                 seen.add(k)
                 keep.append(i)

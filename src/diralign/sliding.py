@@ -248,7 +248,25 @@ class SlidingField:
     def _theta(self, lam: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         safe = torch.where(delta.abs() > 0, delta, torch.full_like(delta, 1e-300))
         ratio = lam / safe
-        return torch.where(self.sliding.is_pool.to(lam.device), 1.0 - ratio, -ratio)
+        pool = self.sliding.is_pool.to(lam.device)
+        theta = torch.where(pool, 1.0 - ratio, -ratio)
+        # A window tied among three entries or more: runner-up j has weight lam_j/delta, the
+        # winner a what is left, 1 - sum_j lam_j/delta.  Where that goes negative, a leaves the
+        # tie: its entries get the winner's weight, so that the window as a whole is released.
+        if bool(pool.any()):
+            windows = {}
+            for i, (st, o, is_pool) in enumerate(
+                zip(self.sliding.site.tolist(), self.sliding.o.tolist(), pool.tolist())
+            ):
+                if is_pool:
+                    windows.setdefault((st, o), []).append(i)
+            for entries in windows.values():
+                if len(entries) > 1:
+                    idx = torch.tensor(entries, device=lam.device)
+                    winner = 1.0 - ratio[idx].sum()
+                    if float(winner) < 0:
+                        theta[idx] = torch.minimum(theta[idx], winner)
+        return theta
 
     def _directional(self, w: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         """``N u``: forward difference of the sliding kinks' values along ``u``."""

@@ -327,10 +327,20 @@ class SlidingFlow(Dynamics):
         # integrator zigzag across its surface, and the mix of sides it then follows is the
         # discretisation's, not the Filippov one (measured on H-AlexNet, 16 digits: with only
         # the crossings of large jumps captured, 1 - cos to the chattering average was 6e-3).
-        lost, _ = overtaken(p0.sites, p1.sites, field.sliding, 1.0)
-        if len(lost):
-            p1, spent = self._release(p1, lost)
-            cost += spent
+        rising = overtakers(p0.sites, p1.sites, field.sliding)
+        if len(rising):
+            # A third entry reached a held tie: hold it there too (the window's winner stays
+            # ``a``), and let the Filippov weights of the three decide: inside the simplex the
+            # flow slides on the triple junction; otherwise ``_settle`` releases the entry that
+            # leaves, or the whole window where the winner does.  (Releasing the window at once
+            # made a three-way tie on H-AlexNet cycle through its pairs, capture after release,
+            # 250 times in 1e-6 of s.)
+            self.events["crossed"] += len(rising)
+            for k in range(len(rising)):
+                p1, spent = self._resolve_window(p1, rising.subset(torch.tensor([k])))
+                cost += spent
+            p, spent, _ = self._settle(p1)
+            return p, cost + spent, True
         crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0, side="new")
         capture = KinkSet()
         if len(crossed):
@@ -349,6 +359,69 @@ class SlidingFlow(Dynamics):
             return p, cost + spent, True
         p, spent, released = self._settle(p1)
         return p, cost + spent, released or len(crossed) > 0
+
+    def _resolve_window(self, p: FieldPoint, rising: KinkSet) -> tuple[FieldPoint, float]:
+        """A third entry ``c`` reached the held tie of a pool window: choose which of the tied
+        entries the flow keeps tied.  Candidates, largest first: all of them, then each pair,
+        then the window's plain max alone; a candidate holds if its Filippov weights lie in
+        the simplex and every entry it leaves out stays below the tie and moves away from it
+        (forward difference along the velocity).  The first that holds is kept.  (Keeping the
+        old tie and releasing ``c``, or holding the new pair, made a three-way tie on H-AlexNet
+        cycle through its pairs, capture after release, 250 times in 1e-6 of s.)"""
+        from itertools import combinations
+
+        field = self.field
+        site, o = int(rising.site[0]), int(rising.o[0])
+        mine = window_entries(field.sliding, rising)
+        held = field.sliding.subset(mine)
+        entries = [int(held.a[0])] + [int(b) for b in held.b.tolist()] + [int(rising.b[0])]
+        entries = list(dict.fromkeys(entries))
+        others = torch.ones(len(field.sliding), dtype=torch.bool)
+        others[mine] = False
+        base = field.sliding.subset(others.nonzero().flatten())
+        saved = (field.sliding, field.gram_chol, field.normals, field.normals_w, field.lam_state())
+        cost = 0.0
+        z = {s.index: s for s in p.sites}[site].z.reshape(-1)
+        candidates = [tuple(c) for r in range(len(entries), 1, -1) for c in combinations(entries, r)]
+        for chosen in candidates:
+            winner = max(chosen, key=lambda e: float(z[e]))
+            rest = [e for e in chosen if e != winner]
+            kinks = KinkSet(
+                torch.full((len(rest),), site, dtype=torch.long),
+                torch.full((len(rest),), winner, dtype=torch.long),
+                torch.tensor(rest, dtype=torch.long),
+                torch.full((len(rest),), o, dtype=torch.long),
+            )
+            field.sliding, field.gram_chol = base.union(kinks), None
+            w, spent = project(field, p.w, p.sites)
+            q = self._eval(w)
+            cost += spent + q.grad_evals
+            window = window_entries(field.sliding, kinks)
+            if bool((leave_measure(q.theta[window], q.delta[window]) > self.release_margin).any()):
+                continue
+            left_out = [e for e in entries if e not in chosen]
+            if left_out:
+                # each left-out entry below the tie, and moving away: x_winner - x_e > 0, rising
+                gaps = KinkSet(
+                    torch.full((len(left_out),), site, dtype=torch.long),
+                    torch.full((len(left_out),), winner, dtype=torch.long),
+                    torch.tensor(left_out, dtype=torch.long),
+                    torch.full((len(left_out),), o, dtype=torch.long),
+                )
+                u = q.s_velocity()
+                h1 = field.kink_values(q.w, gaps)
+                eps = 1e-7 * float(q.w.norm()) / max(float(u.norm()), 1e-300)
+                h2 = field.kink_values(q.w + eps * u, gaps)
+                cost += 2 * SlidingField.FORWARD
+                if not bool(((h2 - h1) > 0).all()):
+                    continue
+            self.events["captured"] += len(rest)
+            return q, cost
+        # none holds: the window's plain max takes over
+        field.sliding, field.gram_chol, field.normals, field.normals_w = saved[:4]
+        field.load_lam_state(saved[4])
+        q, spent = self._release(p, rising)
+        return q, cost + spent
 
     def _capture(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
         """Hold ``kinks`` on their surfaces: project ``p`` onto them, re-evaluate, settle."""
@@ -403,6 +476,12 @@ class SlidingFlow(Dynamics):
             worst = int(torch.argmax(excess))
             side = leave_side(float(p.theta[worst]), float(p.delta[worst]), float(p.h[worst]))
             kink = field.sliding.subset(torch.tensor([worst]))
+            if side < 0 and bool(kink.is_pool[0]) and len(window_entries(field.sliding, kink)) > 1:
+                # the winner leaves a tie of three or more: the window's plain max takes over
+                p, spent = self._release(p, kink)
+                cost += spent
+                released = True
+                continue
             keep = torch.ones(len(field.sliding), dtype=torch.bool)
             keep[worst] = False
             field.sliding = field.sliding.subset(keep.nonzero().flatten())
@@ -463,7 +542,10 @@ def overtaken(sites0, sites1, sliding: KinkSet, c: float = 1.0) -> tuple[KinkSet
         mine = ((sliding.site == k) & (sliding.b >= 0)).nonzero().flatten()
         a, b, o = sliding.a[mine], sliding.b[mine], sliding.o[mine]
         winner = s1.argmax.reshape(-1)[o]
-        lost = (winner != a) & (winner != b)
+        held = {}
+        for oi, ai, bi in zip(o.tolist(), a.tolist(), b.tolist()):
+            held.setdefault(oi, {ai}).add(bi)
+        lost = torch.tensor([wi not in held[oi] for wi, oi in zip(winner.tolist(), o.tolist())], dtype=torch.bool)
         if not bool(lost.any()):
             continue
         z0, z1 = s0.z.reshape(-1), s1.z.reshape(-1)
@@ -476,6 +558,29 @@ def overtaken(sites0, sites1, sliding: KinkSet, c: float = 1.0) -> tuple[KinkSet
     if not pos:
         return KinkSet(), torch.zeros(0)
     return sliding.subset(torch.cat(pos)), torch.cat(fr)
+
+
+def window_entries(sliding: KinkSet, kink: KinkSet) -> torch.Tensor:
+    """Positions in ``sliding`` of the entries held on ``kink``'s pool window."""
+    return ((sliding.site == kink.site[0]) & (sliding.o == kink.o[0]) & (sliding.b >= 0)).nonzero().flatten()
+
+
+def overtakers(sites0, sites1, sliding: KinkSet) -> KinkSet:
+    """For each held pool tie whose window's plain argmax at ``sites1`` is a third entry ``c``,
+    the kink ``(a, c)`` that would hold ``c`` on the tie too (``a``: the window's held winner)."""
+    lost, _ = overtaken(sites0, sites1, sliding, 1.0)
+    if not len(lost):
+        return KinkSet()
+    by_site = {s.index: s for s in sites1}
+    seen, rows = set(), []
+    for st, a, o in zip(lost.site.tolist(), lost.a.tolist(), lost.o.tolist()):
+        if (st, o) in seen:
+            continue
+        seen.add((st, o))
+        c = int(by_site[st].argmax.reshape(-1)[o])
+        rows.append((st, a, c, o))
+    site, a, b, o = (torch.tensor(col, dtype=torch.long) for col in zip(*rows))
+    return KinkSet(site, a, b, o)
 
 
 def crossings(
