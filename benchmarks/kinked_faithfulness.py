@@ -1,7 +1,7 @@
 """Faithfulness of the sliding flow on kinked networks, on seeds the tests do not run (issue 12).
 
     python benchmarks/kinked_faithfulness.py --cases twin,mlp --seeds 1,2,3
-    python benchmarks/kinked_faithfulness.py --cases h-alexnet --seeds 0 --s0 25
+    python benchmarks/kinked_faithfulness.py --cases h-alexnet --seeds 0 --s0 25 --integrator sliding-dopri5
 
 The problems and the reference are those of ``tests/test_dynamics_kinked.py`` (imported from
 there, so the benchmark and the test measure the same thing): from a point that gd brought to
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="twin,mlp")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--s0", type=float, default=5.0, help="where gd hands over to both flows")
+    parser.add_argument(
+        "--integrator", default="sliding", choices=("sliding", "sliding-dopri5"), help="CVODE or the explicit pair"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in args.cases.split(","):
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
             grad = reference_gradient(problem)
             start = cases.gd_to(problem, w0, args.s0)
             began = time.perf_counter()
-            w, ev, evals, flow = cases.sliding_to(problem, start, 30.0)
+            integrator = cases.SlidingCvode if args.integrator == "sliding" else cases.SlidingFlow
+            w, ev, evals, flow = cases.sliding_to(problem, start, 30.0, integrator=integrator)
             seconds = time.perf_counter() - began
             ours = (w / w.norm()).numpy()
             ours_alignment = cases.alignment(w, -ev.grad)

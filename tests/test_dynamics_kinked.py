@@ -316,11 +316,11 @@ def test_end_to_end_run_reports_the_sliding_flow(tmp_path):
 
 
 # -- faithfulness at matched ln(n/L) = 30 ------------------------------------------------
-def _check(problem, w_start, grad_fn, h, to_numpy=True, known_gap=None):
+def _check(problem, w_start, grad_fn, h, to_numpy=True, known_gap=None, integrator=SlidingCvode):
     target = 30.0
     start = w_start.numpy() if to_numpy else w_start
     ref_dir, ref_align, ref_evals = reference(grad_fn, start, problem.n, h, target)
-    w, ev, evals, _ = sliding_to(problem, w_start, target)
+    w, ev, evals, _ = sliding_to(problem, w_start, target, integrator=integrator)
     ours = (w / w.norm()).numpy()
     ref_dir = np.asarray(ref_dir)
     gap = float(np.linalg.norm(ours - ref_dir))
@@ -352,8 +352,48 @@ def test_faithful_bias_free_relu_mlp(seed):
 
 @pytest.mark.slow
 def test_faithful_h_alexnet_16_digits_16x16():
+    """Issue 12's open case.  Where the default sliding flow stops (as stalled: CVODE's
+    corrector fails with ~70 kinks held and the explicit fallback finds no step, measured at
+    ln(n/L) = 27.805), it must still agree with the Euler reference there, and the stop is
+    reported with its numbers; once it reaches 30 the full acceptance below applies."""
+    from diralign.dynamics.kinked import StepStuck
+
     problem, w0 = alexnet16()
     start = gd_to(problem, w0, 25.0)
-    _check(problem, start, torch_reference(problem), 5e-4, to_numpy=False,
-           known_gap="issue 12 open: on H-AlexNet the sliding flow's end-point velocity misses some sliding "
-           "kinks (alignment 2.6e-3 low at seed 0) and it spends more evaluations than Euler at h=1e-3")
+    dyn = SlidingCvode(problem, SLIDING)
+    w, ev, evals = start, problem.evaluate(start), 1
+    try:
+        while s_of(problem, ev.log_risk) < 30.0 - 1e-12:
+            result = dyn.step(w, ev, target=30.0)
+            w, ev = result.w, result.ev
+            evals += result.grad_evals
+    except StepStuck as stuck:
+        reached = s_of(problem, ev.log_risk)
+        grad = torch_reference(problem)
+        d1, _, _ = reference(grad, start, problem.n, 1e-3, reached)
+        d2, _, e2 = reference(grad, start, problem.n, 5e-4, reached)
+        direction = 2 * np.asarray(d2) - np.asarray(d1)
+        gap = float(np.linalg.norm((w / w.norm()).numpy() - direction / np.linalg.norm(direction)))
+        assert reached > 26.0 and gap < 1e-4, f"stopped at {reached:.4f}, direction off by {gap:.2e}"
+        pytest.xfail(
+            f"issue 12 open: stopped at ln(n/L) = {reached:.4f} after {evals} evaluations "
+            f"(Euler at h=5e-4: {e2}), direction gap {gap:.1e} there: {stuck.message}"
+        )
+    _check(problem, start, torch_reference(problem), 5e-4, to_numpy=False)
+
+
+def test_stuck_sliding_flow_stops_as_stalled(tmp_path, monkeypatch):
+    """A step that finds no acceptable try ends the run as ``stalled``, with the reason in words,
+    instead of retrying without end (the explicit pair's old behaviour on MLP seed 2)."""
+    from diralign.dynamics import kinked
+    from diralign.runner import start_run
+
+    monkeypatch.setattr(kinked, "MAX_TRIES", 0)
+    summary, _, _ = start_run(
+        "srelu",
+        ["activation=relu", "n=10", "width=10", "target_ln_n_over_L=3", "dynamics=flow", "integrator=sliding-dopri5"],
+        tmp_path / "stuck",
+        quiet=True,
+    )
+    assert summary["stop_reason"] == "stalled"
+    assert "no step accepted in 0 tries" in summary["stop_message"]

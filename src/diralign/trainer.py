@@ -465,7 +465,9 @@ class Trainer:
                                 signal.Signals(flag.signum).name if flag.signum else "a signal to another rank"
                             ) from None
                         state.stop_reason = aborted.reason
-                        state.stop_message = watch.message if aborted.reason == "stalled" else None
+                        state.stop_message = (
+                            getattr(aborted, "message", None) or watch.message if aborted.reason == "stalled" else None
+                        )
                         break
                     finally:
                         self.coordinator.end_step(self.dynamics)
