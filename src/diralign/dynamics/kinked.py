@@ -28,6 +28,7 @@ differs from ``v`` by the normal components, measured ~0.15 in cosine on the ReL
 from __future__ import annotations
 
 import math
+from itertools import combinations
 from typing import Optional
 
 import torch
@@ -349,12 +350,8 @@ class SlidingFlow(Dynamics):
         # the crossings of large jumps captured, 1 - cos to the chattering average was 6e-3).
         rising = overtakers(p0.sites, p1.sites, field.sliding)
         if len(rising):
-            # A third entry reached a held tie: hold it there too (the window's winner stays
-            # ``a``), and let the Filippov weights of the three decide: inside the simplex the
-            # flow slides on the triple junction; otherwise ``_settle`` releases the entry that
-            # leaves, or the whole window where the winner does.  (Releasing the window at once
-            # made a three-way tie on H-AlexNet cycle through its pairs, capture after release,
-            # 250 times in 1e-6 of s.)
+            # A third entry reached a held tie: which entries stay tied is decided by trial
+            # holds (``_resolve_window``), before any ordinary crossing.
             self.events["crossed"] += len(rising)
             for k in range(len(rising)):
                 p1, spent = self._resolve_window(p1, rising.subset(torch.tensor([k])))
@@ -388,8 +385,6 @@ class SlidingFlow(Dynamics):
         (forward difference along the velocity).  The first that holds is kept.  (Keeping the
         old tie and releasing ``c``, or holding the new pair, made a three-way tie on H-AlexNet
         cycle through its pairs, capture after release, 250 times in 1e-6 of s.)"""
-        from itertools import combinations
-
         field = self.field
         site, o = int(rising.site[0]), int(rising.o[0])
         mine = window_entries(field.sliding, rising)
