@@ -44,6 +44,7 @@ from .kinks import KinkMode, KinkSet, Site
 from .problem import Problem
 
 FD_STEP = 3e-8  # forward difference step for N u, relative to ||w|| / ||u|| (truncation ~ rounding)
+WILD = 1e-3  # a relative normal speed left above this: the multipliers diverged, not kept
 KAPPA = 1.0  # Baumgarte rate (per unit of s) pulling h back to 0 on the sliding surfaces
 
 
@@ -167,6 +168,7 @@ class SlidingField:
         cost += 1.0
         N0 = self.normals
         previous = math.inf
+        converged = False
         for attempt in range(5):
             resid = self._directional(w, v, hd) - self.kappa * float(torch.dot(v, v)) * hd
             cost += self.FORWARD
@@ -175,6 +177,7 @@ class SlidingField:
             normal = math.sqrt(max(float(torch.dot(dlam, resid)), 0.0))
             self.last_residual = normal / max(float(v.norm()), 1e-300)
             if self.last_residual <= self.tolerance:
+                converged = True
                 break
             if attempt >= 2 and normal > 0.3 * previous:
                 self.gram_chol = None  # N N^T has gone stale: the iteration contracts slowly
@@ -186,7 +189,14 @@ class SlidingField:
                 (pull,) = torch.autograd.grad(h, wg, grad_outputs=dlam, retain_graph=True)
                 cost += 2.0 / 3.0
                 v = v - pull
-        self._remember(lam)
+        if converged or (self.last_residual <= WILD and bool(torch.isfinite(v).all())):
+            self._remember(lam)
+        else:
+            # Multipliers of a trial point far off the surfaces must not seed the next
+            # evaluation: measured on H-AlexNet, one such point left lam ~ 1e157 behind, and
+            # every later field was infinite (both integrators stopped at s = 26.38).  (Forgetting
+            # every unconverged one instead cost 10x the evaluations there.)
+            self.forget_multipliers()
         theta = self._theta(lam, delta)
         consistent = float((lam - lam_start).norm()) <= 1e-4 * float(lam.norm()) + 1e-300
         return FieldPoint(
@@ -244,6 +254,9 @@ class SlidingField:
     def _remember(self, lam: torch.Tensor) -> None:
         self._lam = lam.detach().clone()
         self._lam_keys = self.sliding.keys()
+
+    def forget_multipliers(self) -> None:
+        self._lam, self._lam_keys = None, []
 
     def _theta(self, lam: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         safe = torch.where(delta.abs() > 0, delta, torch.full_like(delta, 1e-300))
