@@ -357,7 +357,10 @@ def gram_cholesky(N: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of ``N N^T`` with a relative ridge of 1e-13 (duplicate normals: two
     examples with the same input, or a unit sliding on two examples with parallel inputs)."""
     gram = N @ N.T
-    ridge = 1e-13 * float(gram.diagonal().max()) if gram.numel() else 0.0
+    top = float(gram.diagonal().max()) if gram.numel() else 0.0
+    # Zero rows (a kink whose h does not depend on W there) get multiplier 0 from any ridge;
+    # all rows zero must still factor (measured: H-AlexNet on 128 digits from initialisation).
+    ridge = 1e-13 * top if top > 0 else 1.0
     return torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 

@@ -441,12 +441,20 @@ class SlidingFlow(Dynamics):
     def _capture(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
         """Hold ``kinks`` on their surfaces: project ``p`` onto them, re-evaluate, settle."""
         field = self.field
+        rows, cost0 = field.normals_at(p.w, p.sites, kinks=kinks)
+        norms = rows.norm(dim=1)
+        # A kink whose h does not depend on W here (both pool entries dead upstream) constrains
+        # nothing and cannot be held.
+        live = norms > 1e-12 * max(float(norms.max()), 1e-300) if len(norms) else norms > 0
+        if not bool(live.any()):
+            return p, cost0
+        kinks = kinks.subset(live.nonzero().flatten())
         self.events["captured"] += len(kinks)
         field.sliding = field.sliding.union(kinks)
         field.gram_chol = None
         w, cost = project(field, p.w, p.sites)
         p = self._eval(w)
-        p, spent, _ = self._settle(p, cost + p.grad_evals)
+        p, spent, _ = self._settle(p, cost0 + cost + p.grad_evals)
         return p, spent
 
     def _release(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
