@@ -313,6 +313,8 @@ def test_end_to_end_run_reports_the_sliding_flow(tmp_path):
     assert summary["dynamics"] == "flow/sliding" and summary["faithful_to_flow"] is True
     assert abs(summary["ln_n_over_L"] - 3.0) < 1e-6
     assert set(summary["kink_events"]) == {"captured", "released", "crossed"}
+    steps = summary["sliding_steps"]
+    assert steps["cvode_segments"] >= 1 and steps["cvode_internal_steps"] >= steps["cvode_segments"] - 1
 
 
 # -- faithfulness at matched ln(n/L) = 30 ------------------------------------------------

@@ -65,6 +65,7 @@ RELEASE = 1e-3
 STUCK_SEGMENTS = 6
 STUCK_ADVANCE = 1e-4
 EXPLICIT_STEPS = 25
+COUNTS = {"segments": "cvode_segments", "internal_steps": "cvode_internal_steps", "explicit_steps": "explicit_steps"}
 
 
 class SlidingCvode(SlidingFlow):
@@ -96,7 +97,13 @@ class SlidingCvode(SlidingFlow):
         seg = self.segment
         state["segment"] = None if seg is None else {k: seg[k] for k in ("w0", "s0", "s1", "field", "outputs", "done")}
         state["explicit"] = (self._stuck, self._explicit_left)
+        state["counts"] = {k: self.stats[k] for k in COUNTS}
         return state
+
+    def report(self) -> dict:
+        # How much of the run CVODE took and how much the explicit pair: where the explicit
+        # steps dominate, the run's cost is theirs (H-AlexNet, see the README).
+        return dict(super().report(), sliding_steps={COUNTS[k]: int(self.stats[k]) for k in COUNTS})
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -106,6 +113,7 @@ class SlidingCvode(SlidingFlow):
         self._loaded = state
         self.solver = self.checked = None
         self._stuck, self._explicit_left = state.get("explicit", (0, 0))
+        self.stats.update(state.get("counts", {}))
 
     # -- CVODE on the field ---------------------------------------------------------------
     def _rhs(self, t, y, yp) -> None:
