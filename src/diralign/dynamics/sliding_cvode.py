@@ -319,9 +319,9 @@ class SlidingCvode(SlidingFlow):
         try:
             point, event = self._advance(t_out, seg)
         except FloatingPointError:
-            # CVODE's corrector failed at its minimum step: the field of this piece is not smooth
-            # enough for it here (measured on H-AlexNet past s = 26, with 70 kinks held, whose
-            # multipliers carry the field's tolerance).  The explicit pair takes over for a while.
+            # CVODE's corrector failed at its minimum step (measured on H-AlexNet near s = 26.4,
+            # ~70 kinks held; solving the multipliers 1000x tighter did not help, so the cause is
+            # not their tolerance).  The explicit pair takes over for a while.
             if self.replaying:
                 raise
             if self._stuck_at is not None and torch.equal(self._stuck_at, w):
