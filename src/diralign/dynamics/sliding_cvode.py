@@ -158,11 +158,6 @@ class SlidingCvode(SlidingFlow):
         self.solver.init_step(seg["s0"], y0)
         self.checked, self.t_checked = self._eval(w0), seg["s0"]
         self._cost += self.checked.grad_evals
-        # The scale of every kink's jump, for telling minor crossings from events; drawn at the
-        # segment's start, so that a replayed segment draws the same.
-        self._probes, spent = field.probe_normals(w0, seed=0)
-        self._probe_w = w0.detach().clone()
-        self._cost += spent
         # CVODE integrates this piece, continued past its surfaces; the checks after each
         # internal step find where the true pattern leaves it.
         field.pattern = pattern_of(self.checked.sites)
@@ -243,32 +238,6 @@ class SlidingCvode(SlidingFlow):
                 fractions.append(float(frac.clamp(0.0, 1.0).min()))
         return min(fractions) if fractions else None
 
-    def _minor_crossings(self, p0: FieldPoint, p1: FieldPoint, h: float) -> bool:
-        """True where the only change in ``[p0, p1]`` is kinks outside ``S`` crossing with jumps
-        too small to matter (held over the step ``h``, each moves ``W`` by less than a tenth of
-        the tolerance, as the explicit pair's filter): their side in the frozen pattern is
-        flipped and the segment goes on, CVODE's error control absorbing the jump."""
-        field = self.field
-        crossed, _ = crossings(p0.sites, p1.sites, field.sliding, 1.0)
-        if not len(crossed) or field.pattern is None:
-            return False
-        if len(field.sliding):
-            if len(overtaken(p0.sites, p1.sites, field.sliding, 1.0)[0]):
-                return False
-            if bool((leave_measure(p1.theta, p1.delta) > self.release_margin).any()):
-                return False
-        if not bool(self._significance(p1, h)(crossed).logical_not().all()):
-            return False
-        by_site = {site.index: site for site in p1.sites}
-        for k, a, o in zip(crossed.site.tolist(), crossed.a.tolist(), crossed.o.tolist()):
-            site = by_site[k]
-            if site.kind == "relu":
-                field.pattern[k].view(-1)[a] = bool(site.z.reshape(-1)[a] > 0)
-            else:
-                field.pattern[k].view(-1)[o] = site.argmax.reshape(-1)[o]
-        self.stats["minor_crossings"] = self.stats.get("minor_crossings", 0) + len(crossed)
-        return True
-
     def _advance(self, t_out: float, seg: dict) -> tuple[FieldPoint, bool]:
         """Step CVODE until it passes ``t_out`` (returning the point there) or until an event
         (returning the point after it, the segment then done)."""
@@ -281,9 +250,6 @@ class SlidingCvode(SlidingFlow):
             p_new = self._eval(y)
             self._cost += p_new.grad_evals
             self.stats["internal_steps"] += 1
-            if self._minor_crossings(self.checked, p_new, t_new - self.t_checked):
-                self.checked, self.t_checked = p_new, t_new
-                continue
             fraction = self._event_fraction(self.checked, p_new)
             if fraction is not None:
                 self.field.pattern = None  # the event point and its captures see the true pattern
