@@ -364,12 +364,9 @@ class SlidingFlow(Dynamics):
             self.events["crossed"] += len(crossed)
             # dh/ds on the new side, by a forward difference along the new point's velocity:
             # pointing back at the surface means both sides push toward it, i.e. sliding.
-            u = p1.s_velocity()
-            h1 = field.kink_values(p1.w, crossed)
-            eps = 1e-7 * float(p1.w.norm()) / max(float(u.norm()), 1e-300)
-            h2 = field.kink_values(p1.w + eps * u, crossed)
+            h1, dh = self._kink_motion(p1, crossed)
             cost += 2 * SlidingField.FORWARD
-            back = (h2 - h1) * torch.sign(h1) < 0
+            back = dh * torch.sign(h1) < 0
             capture = crossed.subset(back.nonzero().flatten())
         if len(capture):
             p, spent = self._capture(p1, capture)
@@ -401,12 +398,7 @@ class SlidingFlow(Dynamics):
         for chosen in candidates:
             winner = max(chosen, key=lambda e: float(z[e]))
             rest = [e for e in chosen if e != winner]
-            kinks = KinkSet(
-                torch.full((len(rest),), site, dtype=torch.long),
-                torch.full((len(rest),), winner, dtype=torch.long),
-                torch.tensor(rest, dtype=torch.long),
-                torch.full((len(rest),), o, dtype=torch.long),
-            )
+            kinks = pool_kinks(site, winner, rest, o)
             field.sliding, field.gram_chol = base.union(kinks), None
             w, spent = project(field, p.w, p.sites)
             q = self._eval(w)
@@ -417,18 +409,9 @@ class SlidingFlow(Dynamics):
             left_out = [e for e in entries if e not in chosen]
             if left_out:
                 # each left-out entry below the tie, and moving away: x_winner - x_e > 0, rising
-                gaps = KinkSet(
-                    torch.full((len(left_out),), site, dtype=torch.long),
-                    torch.full((len(left_out),), winner, dtype=torch.long),
-                    torch.tensor(left_out, dtype=torch.long),
-                    torch.full((len(left_out),), o, dtype=torch.long),
-                )
-                u = q.s_velocity()
-                h1 = field.kink_values(q.w, gaps)
-                eps = 1e-7 * float(q.w.norm()) / max(float(u.norm()), 1e-300)
-                h2 = field.kink_values(q.w + eps * u, gaps)
+                _, dh = self._kink_motion(q, pool_kinks(site, winner, left_out, o))
                 cost += 2 * SlidingField.FORWARD
-                if not bool(((h2 - h1) > 0).all()):
+                if not bool((dh > 0).all()):
                     continue
             self.events["captured"] += len(rest)
             return q, cost
@@ -437,6 +420,14 @@ class SlidingFlow(Dynamics):
         field.load_lam_state(saved[4])
         q, spent = self._release(p, rising)
         return q, cost + spent
+
+    def _kink_motion(self, p: FieldPoint, kinks: KinkSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` of ``kinks`` at ``p`` and its change along ``p``'s velocity, by a forward
+        difference moving ``W`` by 1e-7 relative (two forward passes)."""
+        u = p.s_velocity()
+        h1 = self.field.kink_values(p.w, kinks)
+        eps = 1e-7 * float(p.w.norm()) / max(float(u.norm()), 1e-300)
+        return h1, self.field.kink_values(p.w + eps * u, kinks) - h1
 
     def _capture(self, p: FieldPoint, kinks: KinkSet) -> tuple[FieldPoint, float]:
         """Hold ``kinks`` on their surfaces: project ``p`` onto them, re-evaluate, settle."""
@@ -581,6 +572,17 @@ def overtaken(sites0, sites1, sliding: KinkSet, c: float = 1.0) -> tuple[KinkSet
     if not pos:
         return KinkSet(), torch.zeros(0)
     return sliding.subset(torch.cat(pos)), torch.cat(fr)
+
+
+def pool_kinks(site: int, winner: int, others: list[int], o: int) -> KinkSet:
+    """The pool kinks ``x_winner - x_e`` of window ``o`` at ``site``, one per entry ``e`` of ``others``."""
+    m = len(others)
+    return KinkSet(
+        torch.full((m,), site, dtype=torch.long),
+        torch.full((m,), winner, dtype=torch.long),
+        torch.tensor(others, dtype=torch.long),
+        torch.full((m,), o, dtype=torch.long),
+    )
 
 
 def window_entries(sliding: KinkSet, kink: KinkSet) -> torch.Tensor:

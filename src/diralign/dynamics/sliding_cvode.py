@@ -85,7 +85,7 @@ class SlidingCvode(SlidingFlow):
         self.t_checked = 0.0
         self.replayed_grad_evals = 0.0
         self._cost = 0.0  # gradient-equivalents of the step under way
-        self.stats = dict(self.stats, segments=0, internal_steps=0, explicit_steps=0)
+        self.stats = dict(self.stats, segments=0, internal_steps=0, explicit_steps=0, cvode_failures=0)
         self._stuck = 0  # segments in a row that ended on an event almost where they started
         self._explicit_left = 0
         self._loaded: Optional[dict] = None  # the checkpointed state, should its replay fail
@@ -182,7 +182,7 @@ class SlidingCvode(SlidingFlow):
         }
         self._open(self.segment)
 
-    def _replay(self, w: torch.Tensor, target: Optional[float]) -> bool:
+    def _replay(self, w: torch.Tensor) -> bool:
         """Redo the checkpointed segment up to its last output; True where it lands on ``w``."""
         seg = self.segment
         seg.pop("replay", None)
@@ -303,7 +303,7 @@ class SlidingCvode(SlidingFlow):
         self._cost = 0.0
         seg = self.segment
         if seg is not None and seg.get("replay"):
-            if not self._replay(w, target):
+            if not self._replay(w):
                 # another machine or thread count: start afresh from the checkpointed point,
                 # with the field as the checkpoint left it (the replay changed it)
                 SlidingFlow.load_state_dict(self, self._loaded)
@@ -329,7 +329,7 @@ class SlidingCvode(SlidingFlow):
                     f"sliding flow: neither CVODE nor the explicit pair can step at ln(n/L) = "
                     f"{math.log(self.problem.n) - ev.log_risk:.6g} ({len(self.field.sliding)} kinks held)"
                 ) from None
-            self.stats["cvode_failures"] = self.stats.get("cvode_failures", 0) + 1
+            self.stats["cvode_failures"] += 1
             self.segment, self.solver, self.checked = None, None, None
             self.field.pattern = None
             self._explicit_left = EXPLICIT_STEPS
