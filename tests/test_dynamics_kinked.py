@@ -235,6 +235,29 @@ def test_sliding_velocity_is_the_projected_gradient_and_is_tangent():
     assert float((N @ point.v).abs().max() / (N.norm() * point.v.norm())) < 1e-8
 
 
+
+def test_held_kink_whose_normal_vanished_is_dropped():
+    """A second-layer ReLU held on its kink on an example whose first-layer units are all dead:
+    its input is 0 whatever W does nearby, so its normal is 0.  It constrains nothing; held, its
+    multiplier would be forward-difference noise over the Gram's ridge.  The field drops it, and
+    the velocity is then the plain gradient (nothing else is held)."""
+    problem, w0 = relu_mlp(seed=1)
+    x0 = problem.X[0]
+    w = w0.clone()
+    d, hidden = x0.numel(), 8
+    # every first-layer unit negative on example 0: rows -x0 plus a little of the original
+    rows = -x0.repeat(hidden, 1) / float(x0.norm()) + 0.01 * w[: d * hidden].reshape(hidden, d)
+    w[: d * hidden] = rows.reshape(-1)
+    assert float((rows @ x0).max()) < 0
+    field = SlidingField(problem)
+    field.sliding = KinkSet(torch.ones(1, dtype=torch.long), torch.tensor([3]), torch.full((1,), -1), torch.full((1,), -1))
+    _, _, sites = field.watch(w)
+    assert float(sites[1].z.reshape(-1)[3]) == 0.0  # on its surface, identically
+    point = field.evaluate(w)
+    assert len(field.sliding) == 0 and field.dropped == 1
+    assert torch.isfinite(point.v).all() and len(point.theta) == 0
+    assert torch.allclose(point.v, problem.evaluate(w).grad, rtol=1e-12, atol=0)
+
 def test_sliding_velocity_is_what_euler_chatters_around():
     """The Filippov velocity is the average motion of an unaware scheme: Euler with a tiny step,
     started on the sliding surfaces, moves in its direction (it chatters across them)."""
@@ -312,23 +335,47 @@ def test_end_to_end_run_reports_the_sliding_flow(tmp_path):
                               quiet=True)
     assert summary["dynamics"] == "flow/sliding" and summary["faithful_to_flow"] is True
     assert abs(summary["ln_n_over_L"] - 3.0) < 1e-6
-    assert set(summary["kink_events"]) == {"captured", "released", "crossed"}
+    assert set(summary["kink_events"]) == {"captured", "released", "crossed", "dropped"}
     steps = summary["sliding_steps"]
     assert steps["cvode_segments"] >= 1 and steps["cvode_internal_steps"] >= steps["cvode_segments"] - 1
 
 
 # -- faithfulness at matched ln(n/L) = 30 ------------------------------------------------
-def _check(problem, w_start, grad_fn, h, to_numpy=True, known_gap=None, integrator=SlidingCvode, target=30.0):
+def sliding_with_secant(problem, w_start, target, integrator=SlidingCvode, secant=0.02):
+    """Ours to ``target`` (through ``target - secant``) and on to ``target + secant``: the point
+    at ``target``, its evaluation (``grad`` = the Filippov velocity), the evaluations spent to
+    it, the dynamics, and the alignment from the central secant, as the reference's."""
+    points = {}
+    dyn = integrator(problem, SLIDING)
+    w, ev = w_start, problem.evaluate(w_start)
+    evals = 1
+    for goal in (target - secant, target, target + secant):
+        while s_of(problem, ev.log_risk) < goal - 1e-12:
+            result = dyn.step(w, ev, target=goal)
+            w, ev = result.w, result.ev
+            evals += result.grad_evals if goal <= target else 0
+        points[goal] = (w, ev)
+    w, ev = points[target]
+    return w, ev, evals, dyn, alignment(w, points[target + secant][0] - points[target - secant][0])
+
+
+def _check(problem, w_start, grad_fn, h, to_numpy=True, known_gap=None, integrator=SlidingCvode, target=30.0,
+           secant=0.02):
+    """Ours, then the reference to the ln(n/L) ours landed on; both alignments from the same
+    central secant.  (Where events are dense the flow's velocity jumps at each: on H-AlexNet,
+    ~170 per unit of s, its cosine at a point moves by ~2e-3 between neighbouring events, while
+    its secant over +-0.02 agrees with the reference's to 3e-4.)"""
+    w, ev, evals, _, ours_align = sliding_with_secant(problem, w_start, target, integrator, secant)
+    landed = s_of(problem, ev.log_risk)
+    # an event at the last step (a capture's projection) can move ln(n/L) past the target a hair
+    assert abs(landed - target) < 1e-4
     start = w_start.numpy() if to_numpy else w_start
-    ref_dir, ref_align, ref_evals = reference(grad_fn, start, problem.n, h, target)
-    w, ev, evals, _ = sliding_to(problem, w_start, target, integrator=integrator)
-    ours = (w / w.norm()).numpy()
-    ref_dir = np.asarray(ref_dir)
-    gap = float(np.linalg.norm(ours - ref_dir))
-    ours_align = alignment(w, -ev.grad)
-    assert abs(s_of(problem, ev.log_risk) - target) < 1e-5  # lands on the target (its own clock drifts a hair)
+    ref_dir, ref_align, ref_evals = reference(grad_fn, start, problem.n, h, landed, secant)
+    gap = float(np.linalg.norm((w / w.norm()).numpy() - np.asarray(ref_dir)))
+    assert math.isfinite(ours_align) and math.isfinite(gap)
     assert gap < 1e-4, f"direction off by {gap:.2e}"
-    measured = f"alignment {ours_align:.6f} vs reference {ref_align:.6f}, evaluations {evals} vs {ref_evals}"
+    measured = (f"alignment {ours_align:.6f} vs reference {ref_align:.6f} (secants of +-{secant}; ours at the "
+                f"point: {alignment(w, -ev.grad):.6f}), evaluations {evals} vs {ref_evals}")
     print(f"direction gap {gap:.2e}, {measured}")
     if known_gap is not None and (abs(ours_align - ref_align) >= 1e-3 or evals * 10 > ref_evals):
         # The direction is held to 1e-4 above; the rest is issue 12's open acceptance. It is
@@ -353,14 +400,14 @@ def test_faithful_bias_free_relu_mlp(seed):
 
 @pytest.mark.slow
 def test_faithful_h_alexnet_16_digits_16x16():
-    """Issue 12's open case, from s = 25 to 26.5 (to 30 it takes the default integrator ~40k
-    evaluations, over the suite's budget; see benchmarks/RESULTS.md): direction and alignment
-    must hold there; the evaluation count, above Euler's, is reported as the known gap."""
+    """Issue 12's open case, from s = 25 to 26.5 (to 30 it takes the default integrator ~13k
+    evaluations, over the suite's budget; see benchmarks/RESULTS.md): direction must hold there;
+    alignment and the evaluation count, if off, are reported as the known gap."""
     problem, w0 = alexnet16()
     start = gd_to(problem, w0, 25.0)
     _check(problem, start, torch_reference(problem), 5e-4, to_numpy=False, target=26.5,
-           known_gap="issue 12 open: on H-AlexNet the sliding flow falls back to its explicit pair "
-           "(CVODE's corrector fails with ~70 kinks held, or events come faster than it restarts) and "
+           known_gap="issue 12 open: on H-AlexNet events come at ~170 per unit of s, each a projection, "
+           "normals and a CVODE restart (or explicit steps where they come faster), and the sliding flow "
            "spends more evaluations than Euler at h=5e-4")
 
 

@@ -97,6 +97,7 @@ class SlidingField:
         self.last_residual = 0.0
         self.before_forward = None  # called before every pass (the dynamics' abort check)
         self.pattern: Optional[dict] = None  # a frozen activation pattern (KinkMode's), or None
+        self.dropped = 0  # held kinks dropped because their normal vanished (refresh_normals)
 
     # -- forward passes -----------------------------------------------------------------
     def _forward(self, w: torch.Tensor, sliding: Optional[KinkSet], graph: bool, record: bool = True):
@@ -134,6 +135,18 @@ class SlidingField:
 
     def refresh_normals(self, w: torch.Tensor, sites: list[Site]) -> float:
         N, spent = self.normals_at(w, sites)
+        live = live_normals(N)
+        if not bool(live.all()):
+            # A held kink whose normal has become 0 is implied by others: a pool tie between
+            # two units that are themselves held at their ReLU kink (both entries 0, and
+            # relu' = 0 on the held side).  It constrains nothing, yet the forward difference
+            # in N v sees the held units' rounding-level moves through it, and with a zero row
+            # in N N^T its multiplier is that noise over the ridge.  Measured on H-AlexNet
+            # (16 digits, s = 26.7 to 27.1): with one such kink held, 10,000 gradients for
+            # 0.4 of s; without, ~150 per 0.1.  It is dropped, as nothing holds it.
+            self.sliding = self.sliding.subset(live.nonzero().flatten())
+            self.dropped += int((~live).sum())
+            N = N[live]
         self.gram_chol = gram_cholesky(N)
         self.normals, self.normals_w = N, w.detach().clone()
         return spent
@@ -153,7 +166,12 @@ class SlidingField:
             return FieldPoint(w, float(log_risk.detach()), margins, g, empty, empty, empty, empty, mode.sites, 1.0)
         h = mode.h
         hd = h.detach()
+        held = len(self.sliding)
         chol, cost = self._gram(w, mode.sites)
+        if len(self.sliding) != held:  # kinks with vanished normals were dropped: redo the forward
+            point = self._evaluate(w)
+            point.grad_evals += cost + self.FORWARD
+            return point
         # One backward of log L - lam_p . h with the multipliers predicted from the last point
         # (they vary smoothly along the flow), then the residual N v - kappa |v|^2 h by a
         # forward difference, and the correction -N_0^T M_0^{-1} r with the stored normals N_0
@@ -353,6 +371,14 @@ def sliding_signals(sliding: KinkSet, sites: list[Site]) -> torch.Tensor:
     return delta.to(sites[0].z.dtype) if sites else delta
 
 
+def live_normals(N: torch.Tensor) -> torch.Tensor:
+    """Rows of ``N`` that are not 0 (relative to the largest): the kinks that constrain ``W``."""
+    norms = N.norm(dim=1)
+    if not len(norms):
+        return norms > 0
+    return norms > 1e-12 * max(float(norms.max()), 1e-300)
+
+
 def gram_cholesky(N: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of ``N N^T`` with a relative ridge of 1e-13 (duplicate normals: two
     examples with the same input, or a unit sliding on two examples with parallel inputs)."""
@@ -385,8 +411,10 @@ def project(
     spent = 0.0
     if not len(field.sliding):
         return w, spent
-    N, spent = field.normals_at(w, sites)
-    chol = gram_cholesky(N)
+    spent = field.refresh_normals(w, sites)  # (drops held kinks whose normal vanished)
+    N, chol = field.normals, field.gram_chol
+    if not len(field.sliding):
+        return w, spent
     scale = float(w.norm())
     for _ in range(iterations):
         h = field.kink_values(w, field.sliding)

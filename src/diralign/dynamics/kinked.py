@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..kinks import KinkSet, pool_crossings, relu_crossings, unsupported_kinks
 from ..problem import Evaluation
 from ..runtime import RuntimeOptions
-from ..sliding import FieldPoint, SlidingField, project
+from ..sliding import FieldPoint, SlidingField, live_normals, project
 from .base import Dynamics, StepAborted, StepResult, one_thread
 from .flow import _A, _C, _E, FlowOptions
 
@@ -116,6 +116,7 @@ class SlidingFlow(Dynamics):
             "cut": (self._cut_from, self._short_cuts),
             "spent": self._spent,
             "events": dict(self.events),
+            "dropped": self.field.dropped,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -131,11 +132,12 @@ class SlidingFlow(Dynamics):
         self._cut_from, self._short_cuts = state.get("cut", (None, 0))
         self._spent = float(state.get("spent", 0.0))
         self.events = dict(state.get("events", self.events))
+        field.dropped = int(state.get("dropped", 0))
         self.point = None
 
     def report(self) -> dict:
         return {
-            "kink_events": dict(self.events),
+            "kink_events": dict(self.events, dropped=self.field.dropped),
             "sliding_kinks": len(self.field.sliding),
         }
 
@@ -433,10 +435,9 @@ class SlidingFlow(Dynamics):
         """Hold ``kinks`` on their surfaces: project ``p`` onto them, re-evaluate, settle."""
         field = self.field
         rows, cost0 = field.normals_at(p.w, p.sites, kinks=kinks)
-        norms = rows.norm(dim=1)
         # A kink whose h does not depend on W here (both pool entries dead upstream) constrains
         # nothing and cannot be held.
-        live = norms > 1e-12 * max(float(norms.max()), 1e-300) if len(norms) else norms > 0
+        live = live_normals(rows)
         if not bool(live.any()):
             return p, cost0
         kinks = kinks.subset(live.nonzero().flatten())

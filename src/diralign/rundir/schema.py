@@ -171,7 +171,7 @@ SUMMARY_KEYS = DESIGN_SUMMARY_KEYS + (
     "alignment_cos_at_ln10",
     "alignment_cos_at_ln30",
     "alignment_cos_at_ln100",  # measured at the milestone
-    "kink_events",  # sliding flow: {captured, released, crossed} kinks (absent for other dynamics)
+    "kink_events",  # sliding flow: {captured, released, crossed, dropped (normal vanished)} kinks (absent for other dynamics)
     "sliding_kinks",  # sliding flow: kinks held on their switching surfaces at the end (absent for other dynamics)
     "sliding_steps",  # sliding flow on CVODE: {cvode_segments, cvode_internal_steps, explicit_steps} (else absent)
     "faithful_from_ln_n_over_L",  # flow_from_ln set: where the flow took over from gd (absent otherwise)
