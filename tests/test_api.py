@@ -62,8 +62,10 @@ def test_train_mlp_reaches_target_with_degree_3(mlp_run, separable):
     assert s["train_accuracy"] == 1.0
     assert s["ln_n_over_L"] >= 100.0 and s["stop_reason"] == "target_ln_n_over_L"
     assert all(math.isfinite(s[k]) for k in ("log_risk", "min_normalized_margin", "path_length", "param_norm"))
-    # auto dynamics: ReLU has kinks, so normalised GD, and the summary says it is not the flow.
-    assert run.config["dynamics"] == "gd" and s["faithful_to_flow"] is False
+    # auto dynamics: ReLU kinks on 40 x 20 units, so gd to ln(n/L) = 5 and then the sliding flow.
+    assert run.config["dynamics"] == "flow" and run.config["flow_from_ln"] == 5.0
+    assert s["dynamics"] == "flow/sliding" and s["faithful_to_flow"] is True
+    assert 5.0 <= s["faithful_from_ln_n_over_L"] < 6.0
     # The caller's model is untouched; the run's model carries the trained weights.
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), w_before)
     assert run.model is not model
@@ -369,3 +371,22 @@ def test_example_own_model_digits(tmp_path):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["train_accuracy"] == 1.0 and summary["ln_n_over_L"] >= 30
     assert (tmp_path / "r" / "margins.png").exists()
+
+
+def test_auto_dynamics_by_kinks_and_their_number():
+    """Smooth: the flow; ReLU / max-pool with few kink units over the data: gd, then the sliding
+    flow from ln(n/L) = 5; many units, or kinks the sliding flow does not follow: gd."""
+    from diralign.api import SLIDING_AUTO_UNITS, _auto_dynamics, kink_units
+
+    X = torch.randn(40, 5, dtype=torch.float64)
+    small = mlp3(5).double()
+    assert kink_units(small, X) == 40 * 20
+    assert _auto_dynamics(small, X, False)[0::2] == ("flow", {"flow_from_ln": 5.0})
+    wide = mlp3(5, width=SLIDING_AUTO_UNITS // 40).double()
+    choice, why, implied = _auto_dynamics(wide, X, False)
+    assert choice == "gd" and implied == {} and "units" in why
+    leaky = nn.Sequential(nn.Linear(5, 4, bias=False), nn.LeakyReLU(), nn.Linear(4, 1, bias=False)).double()
+    assert _auto_dynamics(leaky, X, False)[0] == "gd"
+    linear = nn.Sequential(nn.Linear(5, 4, bias=False), nn.Linear(4, 1, bias=False)).double()
+    assert _auto_dynamics(linear, X, False)[0] == "flow"
+    assert _auto_dynamics(small, X, True)[0] == "sgd"
