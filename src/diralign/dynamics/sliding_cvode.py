@@ -321,9 +321,11 @@ class SlidingCvode(SlidingFlow):
         try:
             point, event = self._advance(t_out, seg)
         except FloatingPointError:
-            # CVODE's corrector failed at its minimum step (measured on H-AlexNet near s = 26.4,
-            # ~70 kinks held; solving the multipliers 1000x tighter did not help, so the cause is
-            # not their tolerance).  The explicit pair takes over for a while.
+            # CVODE's corrector failed at its minimum step.  Measured on H-AlexNet near s = 26.4
+            # with ~70 kinks held, the cause was a held kink whose normal had vanished (its
+            # multiplier was noise over the Gram's ridge; such kinks are now dropped, and the
+            # run to s = 30 had no failure left).  Should another cause come, the explicit pair
+            # takes over for a while.
             if self.replaying:
                 raise
             if self._stuck_at is not None and torch.equal(self._stuck_at, w):
