@@ -322,9 +322,9 @@ class SlidingCvode(SlidingFlow):
             point, event = self._advance(t_out, seg)
         except FloatingPointError:
             # CVODE's corrector failed at its minimum step.  Measured on H-AlexNet near s = 26.4
-            # with ~70 kinks held, the cause was a held kink whose normal had vanished (its
-            # multiplier was noise over the Gram's ridge; such kinks are now dropped, and the
-            # run to s = 30 had no failure left).  Should another cause come, the explicit pair
+            # with ~70 kinks held, most likely from a held kink whose normal had vanished (its
+            # multiplier was noise over the Gram's ridge).  Such kinks are now dropped, and the
+            # run to s = 30 had no failure left.  Should another cause come, the explicit pair
             # takes over for a while.
             if self.replaying:
                 raise
