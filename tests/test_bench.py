@@ -103,6 +103,13 @@ def test_tiny_bench_run_writes_complete_finite_json(tmp_path):
     overhead = results["instrument_cost"]["deep-linear"]
     assert overhead["ratio"] > 0 and overhead["same_steps"] and overhead["logged_rows"] == 1 + 1 + 6  # W0, the warm-up step, every timed step
     assert (tmp_path / "wp.png").exists() and (tmp_path / "wp.pdf").exists()
+    # A trace with points where no alignment was logged (sgd's, between its full-gradient
+    # points) still plots: it once raised TypeError after a 50-minute H-AlexNet bench.
+    from diralign.bench.figures import plot_results
+
+    section["dynamics"]["gd"]["trace"]["alignment_cos"][1] = None
+    plot_results(results, tmp_path / "wp-none")
+    assert (tmp_path / "wp-none.png").exists()
 
 
 def test_finite_json_replaces_non_finite():

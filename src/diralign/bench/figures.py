@@ -68,7 +68,12 @@ def plot_results(results: dict, stem: Path) -> list[Path]:
                 for (target, _at), x, y in zip(points, xs, ys):
                     ax.plot(x, y, MARKERS.get(target, "o"), color=colours[label], ms=7, mec="black", mew=0.4)
             trace = record["trace"]
-            pairs = [(s, 1.0 - c) for s, c in zip(trace["ln_n_over_L"], trace["alignment_cos"]) if s > 0 and c == c]
+            # None: no gradient at that point (sgd logs its alignment only where it has one)
+            pairs = [
+                (s, 1.0 - c)
+                for s, c in zip(trace["ln_n_over_L"], trace["alignment_cos"])
+                if s > 0 and c is not None and c == c
+            ]
             if pairs:
                 ax_cos.plot(
                     [p[0] for p in pairs],
