@@ -237,6 +237,33 @@ def test_sliding_velocity_is_the_projected_gradient_and_is_tangent():
 
 
 
+def test_settle_decides_where_multipliers_do_not_converge(monkeypatch):
+    """Where the multipliers do not converge they are not kept, so evaluating the same point
+    again gives the same, still inconsistent, point.  Settling re-evaluates once, then decides
+    (H-AlexNet seed 1 at s = 26.31 evaluated one point 99 times per settle, releasing nothing)."""
+    problem, w0 = relu_twin()
+    w = gd_to(problem, w0, 8.0)
+    dyn = SlidingFlow(problem, SLIDING)
+    z = (problem.X @ w.reshape(20, -1).T).reshape(-1)
+    chosen = torch.argsort(z.abs())[:3]
+    dyn.field.sliding = KinkSet(torch.zeros(3, dtype=torch.long), chosen, torch.full((3,), -1), torch.full((3,), -1))
+    _, _, sites = dyn.field.watch(w)
+    w, _ = project(dyn.field, w, sites)
+    evaluate, calls = dyn._eval, []
+
+    def never_consistent(x):
+        point = evaluate(x)
+        point.consistent = False
+        point.theta = torch.full_like(point.theta, 2.0)  # every held kink wants to leave
+        calls.append(1)
+        return point
+
+    monkeypatch.setattr(dyn, "_eval", never_consistent)
+    point, cost, released = dyn._settle(dyn._eval(w))
+    assert released and len(dyn.field.sliding) < 3
+    assert math.isfinite(cost) and len(calls) <= 1 + 2 * 3
+
+
 def test_held_kink_whose_normal_vanished_is_dropped():
     """A second-layer ReLU held on its kink on an example whose first-layer units are all dead:
     its input is 0 whatever W does nearby, so its normal is 0.  It constrains nothing; held, its
