@@ -474,26 +474,28 @@ class SlidingFlow(Dynamics):
         range at once made pairs on nearly parallel surfaces flap in and out together)."""
         field = self.field
         released = False
-        again = False  # this point was evaluated again already
+        stuck = False  # evaluating this point again gave the same multipliers: no use in more
         for _ in range(len(field.sliding)):
             if not len(field.sliding):
                 break
             excess = leave_measure(p.theta, p.delta)
             if not bool((excess > self.release_margin).any()):
                 break
-            if not p.consistent and not again:
+            if not p.consistent and not stuck:
                 # The backward signals delta (in theta = -lam/delta) came from the multipliers
                 # the point started from; upstream units' signals include the downstream
                 # kinks' lam (a chain of held units on one example), and right after a capture
                 # those were 0.  Evaluate again from the converged ones before deciding.
-                # Once: where the multipliers do not converge they are not kept, the next
-                # evaluation starts from the same guess and ends the same (H-AlexNet, seed 1,
-                # s = 26.31: the same point evaluated 99 times, 960 gradients, per settle).
-                p = self._eval(p.w)
-                cost += p.grad_evals
-                again = True
+                # Until that stops changing them: where the multipliers do not converge they
+                # are not kept, and the next evaluation starts from the same guess and ends the
+                # same (H-AlexNet seed 1, s = 26.31: one point evaluated 99 times per settle,
+                # 960 gradients, nothing released).
+                q = self._eval(p.w)
+                cost += q.grad_evals
+                stuck = torch.equal(q.lam, p.lam)
+                p = q
                 continue
-            again = False
+            stuck = False
             worst = int(torch.argmax(excess))
             side = leave_side(float(p.theta[worst]), float(p.delta[worst]), float(p.h[worst]))
             kink = field.sliding.subset(torch.tensor([worst]))
