@@ -36,8 +36,10 @@ FLOW = ["dynamics=flow", "threads=1", "rtol=1e-9", "atol=1e-13"]  # + integrator
 # switching surfaces where CVODE and dopri5 chatter (diralign.dynamics.kinked).
 SLIDING = ["dynamics=flow", "integrator=sliding", "threads=1", "rtol=1e-6", "atol=1e-13"]
 # H-AlexNet runs the paper's normalised GD (updates capped at 1% of ||W||) until the sliding flow
-# can carry it: from gd's point at ln(n/L) = 2 the sliding flow took 12,650 gradients (275 s) to
-# reach 3.0 on 16 digits (issue 12), so its rows are INFO, measured on gd rather than the flow.
+# can carry it.  From gd's point at ln(n/L) = 2, 16 digits at 32x32, the sliding flow got to 4.3
+# in 120 s (benchmarks/work_precision_h-alexnet-16.json); from 25 to 30 at 16x16 it takes
+# ~13,000 gradients.  The decade tests need two decades of ln(n/L), so the rows are INFO,
+# measured on gd rather than the flow (issue 12).
 GD = ["dynamics=gd", "threads=1", "max_update_ratio=0.01"]
 
 
