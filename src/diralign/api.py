@@ -256,8 +256,7 @@ def _auto_dynamics(model: nn.Module, X, loader: bool) -> tuple[str, str, dict]:
     kinks = nonsmooth_operations(model)
     if not kinks:
         return "flow", "auto: no kinks found, so the error-controlled gradient flow", {}
-    insist = "dynamics='flow' insists on the sliding flow"
-    if unsupported_kinks(model):
+    if unsupported_kinks(model, kinks):
         return "gd", (
             f"auto: {', '.join(kinks)} has kinks the sliding flow does not follow (it follows ReLU and 2-D "
             "max-pool); dynamics='flow' insists on CVODE"
@@ -266,7 +265,8 @@ def _auto_dynamics(model: nn.Module, X, loader: bool) -> tuple[str, str, dict]:
     if units > SLIDING_AUTO_UNITS:
         return "gd", (
             f"auto: {', '.join(kinks)} kinks on {units:,} units over the data (> {SLIDING_AUTO_UNITS:,}): the sliding "
-            f"flow resolves each pattern change, and here they would come faster than it steps; {insist}"
+            f"flow resolves each pattern change, and here they would come faster than it steps; dynamics='flow' "
+            "insists on the sliding flow"
         ), {}
     return "flow", (
         f"auto: {', '.join(kinks)} kinks on {units:,} units: normalised GD to ln(n/L) = {AUTO_FLOW_FROM_LN:g}, then the "

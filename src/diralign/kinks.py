@@ -237,11 +237,14 @@ def pattern_of(sites: list[Site]) -> dict:
 SUPPORTED = {"ReLU", "relu", "relu_", "MaxPool2d", "max_pool2d"}
 
 
-def unsupported_kinks(model) -> list[str]:
-    """Kinked operations of ``model`` that :class:`KinkMode` does not follow."""
-    from .models.structure import nonsmooth_operations
+def unsupported_kinks(model, operations: Optional[list[str]] = None) -> list[str]:
+    """Kinked operations of ``model`` that :class:`KinkMode` does not follow (``operations``:
+    ``nonsmooth_operations(model)`` where the caller has it already; it traces the model)."""
+    if operations is None:
+        from .models.structure import nonsmooth_operations
 
-    return [name for name in nonsmooth_operations(model) if name not in SUPPORTED]
+        operations = nonsmooth_operations(model)
+    return [name for name in operations if name not in SUPPORTED]
 
 
 def relu_crossings(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:

@@ -384,10 +384,8 @@ def gram_cholesky(N: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of ``N N^T`` with a relative ridge of 1e-13 (duplicate normals: two
     examples with the same input, or a unit sliding on two examples with parallel inputs)."""
     gram = N @ N.T
-    top = float(gram.diagonal().max()) if gram.numel() else 0.0
-    # Zero rows (a kink whose h does not depend on W there) get multiplier 0 from any ridge;
-    # all rows zero must still factor (measured: H-AlexNet on 128 digits from initialisation).
-    ridge = 1e-13 * top if top > 0 else 1.0
+    # (zero rows never come here: refresh_normals drops the kinks they belong to)
+    ridge = 1e-13 * float(gram.diagonal().max()) if gram.numel() else 0.0
     return torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 
@@ -424,5 +422,5 @@ def project(
         w = w - step
         if float(step.norm()) <= tol * scale:
             break
-    field.gram_chol, field.normals, field.normals_w = chol, N, w.detach().clone()
+    field.normals_w = w.detach().clone()
     return w, spent

@@ -67,8 +67,8 @@ def flow_integrator(model, config) -> str:
     from ..kinks import unsupported_kinks
     from ..models.structure import nonsmooth_operations
 
-    kinked = bool(nonsmooth_operations(model))
-    return "sliding" if kinked and not unsupported_kinks(model) else "cvode"
+    operations = nonsmooth_operations(model)
+    return "sliding" if operations and not unsupported_kinks(model, operations) else "cvode"
 
 
 def describe_dynamics(config, model=None) -> str:

@@ -230,7 +230,8 @@ class SlidingCvode(SlidingFlow):
             excess1 = leave_measure(p1.theta, p1.delta)
             leaving = excess1 > self.release_margin
             if bool(leaving.any()) and len(p0.theta) != len(p1.theta):
-                fractions.append(1.0)  # the held set changed inside the step (a kink dropped): at its end
+                # the held set changed inside the step (a kink dropped): no theta to interpolate
+                fractions.append(1.0)
             elif bool(leaving.any()):
                 excess0 = leave_measure(p0.theta, p0.delta)[leaving]
                 e1 = excess1[leaving]
