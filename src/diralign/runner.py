@@ -352,6 +352,7 @@ def _run(experiment, setup, config, store, state, quiet, coordinator, payload=No
             )
         if payload is not None:
             dynamics.load_state_dict(payload[schema.CKPT_DYNAMICS])
+            trainer.load_instrument_state(payload.get(schema.CKPT_INSTRUMENTS))
         else:
             # Step 0's checkpoint, before the run appears at --out: from then on a kill at
             # any moment resumes to the same result as an uninterrupted run.

@@ -46,6 +46,8 @@ from .problem import Problem
 FD_STEP = 3e-8  # forward difference step for N u, relative to ||w|| / ||u|| (truncation ~ rounding)
 WILD = 1e-3  # a relative normal speed left above this: the multipliers diverged, not kept
 KAPPA = 1.0  # Baumgarte rate (per unit of s) pulling h back to 0 on the sliding surfaces
+STALE_CONTRACTION = 0.3  # a correction shrinking the normal speed less than this: N N^T is stale
+STALE_AFTER = 2  # (from this attempt on)
 
 
 @dataclass
@@ -198,7 +200,7 @@ class SlidingField:
             if self.last_residual <= self.tolerance:
                 converged = True
                 break
-            if attempt >= 2 and normal > 0.3 * previous:
+            if attempt >= STALE_AFTER and normal > STALE_CONTRACTION * previous:
                 self.gram_chol = None  # N N^T has gone stale: the iteration contracts slowly
             previous = normal
             lam = lam + dlam

@@ -357,8 +357,18 @@ class Trainer:
                 schema.CKPT_STATE: state.to_payload(),
                 schema.CKPT_DYNAMICS: self.dynamics.state_dict() if dynamics_state is None else dynamics_state,
                 schema.CKPT_POSITIONS: self.store.positions(),
+                schema.CKPT_INSTRUMENTS: self.instrument_state(),
             }
         )
+
+    def instrument_state(self) -> dict:
+        # The sharpness instrument's warm start: without it a resumed run's next log point
+        # would start Lanczos cold (other products, so other grad_evals than the uninterrupted run).
+        return {} if self.sharpness is None else {"sharpness": self.sharpness.state()}
+
+    def load_instrument_state(self, state: Optional[dict]) -> None:
+        if self.sharpness is not None and state and "sharpness" in state:
+            self.sharpness.load_state(state["sharpness"])
 
     def goal_reached(self, state: TrainState, s: float) -> Optional[str]:
         if s >= self.target:

@@ -108,7 +108,9 @@ class SlidingFlow(Dynamics):
         return {
             "h": self.h,
             "sliding": field.sliding.state(),
-            "normals_w": field.normals_w if field.gram_chol is not None else None,
+            # also where the normals went stale during the last evaluation: that evaluation,
+            # redone on resume, must start from the normals it had (H-AlexNet: 1.7e-11 apart)
+            "normals_w": field.normals_w if field.normals is not None else None,
             "lam": field.lam_state(),
             "point_lam_in": None if self.point is None else self.point.lam_in,
             "probe_w": self._probe_w,

@@ -73,6 +73,7 @@ CKPT_RUN_ID = "run_id"  # = config.json's run_id
 CKPT_STATE = "state"  # TrainState.to_payload()
 CKPT_DYNAMICS = "dynamics"  # the dynamics' state_dict()
 CKPT_POSITIONS = "positions"  # {"log_bytes", "array_rows": {name: rows}} of the append-only files
+CKPT_INSTRUMENTS = "instruments"  # the instruments' warm starts ({"sharpness": vector}); absent in older checkpoints
 CKPT_CHECKSUM = "checksum"  # sha256 of every other entry (tensors' bytes included)
 
 # -- log.csv ------------------------------------------------------------------------------
