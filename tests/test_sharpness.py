@@ -133,3 +133,19 @@ def test_resumed_run_continues_the_warm_start(tmp_path, monkeypatch):
     assert len(a) == len(b) > 4
     assert np.array_equal(a[schema.SHARPNESS].to_numpy(), b[schema.SHARPNESS].to_numpy())
     assert summary["grad_evals"] == whole["grad_evals"]
+
+
+def test_gd_runs_at_the_edge_of_stability(tmp_path):
+    """Why gd's alignment is step-size noise: past the early phase its step times the sharpness
+    hovers around 2, where an update along the top Hessian direction overshoots and comes back
+    (measured on deep-linear to ln(n/L) = 30: 1.2 to 3.0, median ~2.2), while the flow's
+    alignment at the same point is ~1."""
+    start_run("deep-linear", ["target_ln_n_over_L=30", "dynamics=gd", "sharpness=true"], tmp_path / "gd", quiet=True)
+    log = Run(tmp_path / "gd").log
+    late = log[log[schema.LN_N_OVER_L] > 5]
+    product = (late[schema.STEP_SIZE] * late[schema.SHARPNESS]).to_numpy(dtype=np.float64)
+    assert len(product) >= 20 and np.isfinite(product).all()
+    assert 1.0 < float(np.median(product)) < 4.0, np.quantile(product, [0, 0.5, 1])
+    assert float(product.max()) > 2.0  # it does cross the edge
+    alignment = late[schema.ALIGNMENT_COS].to_numpy(dtype=np.float64)
+    assert float(alignment.std()) > 0.05  # and its alignment is noise, not a converging curve

@@ -298,6 +298,8 @@ class Trainer:
 
             self.sharpness = Sharpness(problem)
             self.columns.append(schema.SHARPNESS)
+        if dynamics.step_size is not None:
+            self.columns.append(schema.STEP_SIZE)
         self.session_wall_start = 0.0
         dynamics.log_spacing = self.log_spacing
 
@@ -317,6 +319,8 @@ class Trainer:
             row.update(
                 probes.block_panel(self.problem, state.w, state.ev.grad, self.groups, row.get(schema.ALIGNMENT_COS))
             )
+        if schema.STEP_SIZE in self.columns:
+            row[schema.STEP_SIZE] = float(self.dynamics.step_size) if state.steps > 0 else math.nan
         if self.sharpness is not None:
             value, cost = self.sharpness.measure(state.w)
             state.grad_evals += cost

@@ -56,6 +56,10 @@ class Dynamics:
     replaying = False
     abort_requested: Optional[Callable[[], Optional[str]]] = None
     observe: Optional[Callable[[float], None]] = None
+    # The last accepted step on log L (``W <- W - step grad log L``) of a full-batch discrete
+    # method, logged as ``step_size``; None: no such step (flows, minibatch sgd, constant-gd's
+    # step on L itself).
+    step_size: Optional[float] = None
 
     def __init__(self, problem: Problem, config):
         self.problem = problem

@@ -49,6 +49,12 @@ class NormalizedGD(Dynamics):
     def state_dict(self) -> dict:
         return {"eta": self.eta}
 
+    @property
+    def step_size(self) -> float:
+        # an accepted step leaves eta grown by eta_growth; so the step itself is recovered
+        # from the checkpointed eta, and a resumed run logs what the uninterrupted one did
+        return self.eta / self.options.eta_growth
+
     def load_state_dict(self, state: dict) -> None:
         self.eta = float(state["eta"])
 

@@ -41,6 +41,10 @@ class LossBasedGD(Dynamics):
     def load_state_dict(self, state: dict) -> None:
         self.alpha = float(state["alpha"])
 
+    @property
+    def step_size(self) -> float:
+        return self.alpha / GROWTH  # alpha grew by GROWTH after the accepted epoch
+
     def step(self, w, ev, target: Optional[float] = None) -> StepResult:
         grad_evals = rejected = 0
         while True:

@@ -116,7 +116,10 @@ LOG_COLUMNS = (
 )
 # Optional columns a run adds when the matching instrument is on.
 SHARPNESS = "sharpness"  # top eigenvalue of the Hessian of log L (Lanczos)
-OPTIONAL_LOG_COLUMNS = (SHARPNESS,)
+# gd, loss-based: the last accepted step eta on log L (W <- W - eta grad log L); with
+# sharpness, eta * sharpness > 2 is the edge of stability their iterates oscillate at.
+STEP_SIZE = "step_size"
+OPTIONAL_LOG_COLUMNS = (SHARPNESS, STEP_SIZE)
 
 # Per-block columns (Lemma E.1): a block is a layer or a parameter tensor.
 SHARE_PREFIX = "share:"  # ||U_j||^2 / ||W||^2
