@@ -1,6 +1,7 @@
 """Sharpness: the top eigenvalue of the Hessian of ``log L``, by warm-started Lanczos.
 
-    diralign run margins --set model=h-alexnet --set subset=64 --set dtype=float64 --set dynamics=gd --set sharpness=true
+    diralign run margins --set model=h-alexnet --set data=digits --set subset=32 --set dtype=float64 \
+        --set dynamics=gd --set sharpness=true --set target_ln_n_over_L=30
 
 A discrete method with step ``eta`` on ``log L`` is stable along the top Hessian direction
 only while ``eta * lambda_max < 2`` (the edge of stability); ``gd``, ``sgd`` and
@@ -16,8 +17,9 @@ direction turns slowly along a run.  ARPACK builds a whole Lanczos basis of ``nc
 before it first tests convergence, so a warm start pays off only with a small basis: measured
 on H-AlexNet (16 digits, 15,690 weights, gd from ``ln(n/L)`` = 5.6 to 8.8), a cold start with
 20 vectors took 21 products, a warm one with 6 took 7 to 10 (relative error <= 4e-9 against a
-1e-8 solve).  Should the small basis not converge, the cold one is run from the warm vector.  Costs are counted like every other instrument's, in gradient evaluations:
-one for the gradient graph and two for each product (three when the problem is chunked).
+1e-8 solve).  Should the small basis not converge, the cold one is run from the warm vector.
+Costs are counted like every other instrument's, in gradient evaluations: one for the
+gradient graph and two for each product (three when the problem is chunked).
 For ReLU / max-pool networks the Hessian is that of the current activation pattern (the
 kinks' second derivatives are zero almost everywhere).
 """
