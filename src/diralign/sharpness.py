@@ -1,7 +1,6 @@
 """Sharpness: the top eigenvalue of the Hessian of ``log L``, by warm-started Lanczos.
 
-    diralign run margins --set model=h-alexnet --set data=digits --set subset=32 --set dtype=float64 \
-        --set dynamics=gd --set sharpness=true --set target_ln_n_over_L=30
+    diralign run margins --set model=h-alexnet --set data=digits --set subset=32 --set dtype=float64 --set dynamics=gd --set sharpness=true --set target_ln_n_over_L=30
 
 A discrete method with step ``eta`` on ``log L`` is stable along the top Hessian direction
 only while ``eta * lambda_max < 2`` (the edge of stability); ``gd``, ``sgd`` and
