@@ -48,13 +48,6 @@ WILD = 1e-3  # a relative normal speed left above this: the multipliers diverged
 KAPPA = 1.0  # Baumgarte rate (per unit of s) pulling h back to 0 on the sliding surfaces
 STALE_CONTRACTION = 0.3  # a correction shrinking the normal speed less than this: N N^T is stale
 STALE_AFTER = 2  # (from this attempt on)
-# The first correction of the multipliers may use the stored normals N_0 (no backward) only
-# where they are exact (kinks at the first site, whose normals do not depend on W) or where
-# the normal speed it removes is at most this many times the tolerance: its error,
-# (N_0 - N)^T dlam, is tangential, so no later correction sees it.  Measured on H-AlexNet
-# (16 digits, s = 25): with N_0 always, the velocity was off by up to 5e-2 relative (1.5e-3
-# at the 90th percentile) against the exact correction, both certified by their residuals.
-FREE_CORRECTION = 10.0
 
 
 @dataclass
@@ -107,7 +100,6 @@ class SlidingField:
         self.before_forward = None  # called before every pass (the dynamics' abort check)
         self.pattern: Optional[dict] = None  # a frozen activation pattern (KinkMode's), or None
         self.dropped = 0  # held kinks dropped because their normal vanished (refresh_normals)
-        self._first_site_linear: Optional[bool] = None  # see _normals_constant
 
     # -- forward passes -----------------------------------------------------------------
     def _forward(self, w: torch.Tensor, sliding: Optional[KinkSet], graph: bool, record: bool = True):
@@ -185,16 +177,15 @@ class SlidingField:
             return point
         # One backward of log L - lam_p . h with the multipliers predicted from the last point
         # (they vary smoothly along the flow), then the residual N v - kappa |v|^2 h by a
-        # forward difference, and corrections dlam = M_0^{-1} r with the stored Gram M_0 until
-        # a residual certifies the result.  Each correction of v is exact, a backward of
-        # dlam . h through the same graph (which also moves the sites' backward signals to the
-        # new multipliers), except a first one that the stored normals N_0 give exactly
-        # (FREE_CORRECTION).
+        # forward difference, and the correction -N_0^T M_0^{-1} r with the stored normals N_0
+        # (exact for first-layer kinks, whose normals do not depend on W).  A second residual
+        # certifies the result; if the stored normals have gone stale it fails, and the exact
+        # correction (a backward of dlam . h through the same graph) is taken instead.
         lam = self._predicted_multipliers(hd)
-        signal_lam = lam.clone()  # the multipliers the sites' backward signals were computed with
+        lam_start = lam.clone()
         phi = log_risk - torch.dot(lam, h)
-        outs = [s.out for s in mode.sites]
         v = self._backward(phi, wg, mode.sites, retain=True)
+        delta = sliding_signals(self.sliding, mode.sites)
         cost += 1.0
         N0 = self.normals
         previous = math.inf
@@ -213,15 +204,12 @@ class SlidingField:
                 self.gram_chol = None  # N N^T has gone stale: the iteration contracts slowly
             previous = normal
             lam = lam + dlam
-            constant = attempt == 0 and self._normals_constant()
-            if constant or (attempt == 0 and self.last_residual <= FREE_CORRECTION * self.tolerance):
+            if attempt == 0:
                 v = v - N0.T @ dlam
-                if constant:  # h at the first site depends on no site's output: no signal moves
-                    signal_lam = signal_lam + dlam
             else:
-                v = v - self._pull(h, wg, dlam, mode.sites, outs)
-                signal_lam = signal_lam + dlam
+                (pull,) = torch.autograd.grad(h, wg, grad_outputs=dlam, retain_graph=True)
                 cost += 2.0 / 3.0
+                v = v - pull
         if converged or (self.last_residual <= WILD and bool(torch.isfinite(v).all())):
             self._remember(lam)
         else:
@@ -230,9 +218,8 @@ class SlidingField:
             # every later field was infinite (both integrators stopped at s = 26.38).  (Forgetting
             # every unconverged one instead cost 10x the evaluations there.)
             self.forget_multipliers()
-        delta = sliding_signals(self.sliding, mode.sites)
         theta = self._theta(lam, delta)
-        consistent = float((lam - signal_lam).norm()) <= 1e-4 * float(lam.norm()) + 1e-300
+        consistent = float((lam - lam_start).norm()) <= 1e-4 * float(lam.norm()) + 1e-300
         return FieldPoint(
             w,
             float(log_risk.detach()),
@@ -246,34 +233,6 @@ class SlidingField:
             cost,
             consistent=consistent,
         )
-
-    def _normals_constant(self) -> bool:
-        """Whether every held kink's normal is independent of ``W``: all of them at the first
-        kink site, whose input is a polynomial in ``W`` (no kink before it) and, being of
-        degree 1 there (checked once, at ``W`` and ``2W``), linear."""
-        if not bool((self.sliding.site == 0).all()):
-            return False
-        if self._first_site_linear is None:
-            w = self.problem.flat_params()
-            z1 = self._forward(w, None, graph=False, record=True)[3].sites[0].z
-            z2 = self._forward(2 * w, None, graph=False, record=True)[3].sites[0].z
-            scale = float(z1.abs().max()) or 1.0
-            self._first_site_linear = bool(((z2 - 2 * z1).abs() <= 1e-12 * scale).all())
-        return self._first_site_linear
-
-    @staticmethod
-    def _pull(h: torch.Tensor, wg: torch.Tensor, dlam: torch.Tensor, sites: list[Site], outs: list) -> torch.Tensor:
-        """``N^T dlam`` (a backward of ``dlam . h`` through the evaluation's graph), and the
-        sites' backward signals moved to the new multipliers in the same pass: a held unit's
-        signal includes the multipliers of the held kinks downstream of it on its example."""
-        live = [(site, out) for site, out in zip(sites, outs) if out is not None and out.requires_grad]
-        grads = torch.autograd.grad(
-            h, [wg] + [out for _, out in live], grad_outputs=dlam, retain_graph=True, allow_unused=True
-        )
-        for (site, _), g in zip(live, grads[1:]):
-            if g is not None:
-                site.signal = site.signal - g.detach()
-        return grads[0]
 
     @staticmethod
     def _backward(phi: torch.Tensor, wg: torch.Tensor, sites: list[Site], retain: bool) -> torch.Tensor:
