@@ -357,6 +357,40 @@ def test_resumed_steps_equal_uninterrupted_ones(integrator):
         assert again.replayed_grad_evals > 0  # the segment was replayed, not restarted
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known: the first correction of the multipliers uses the stored normals N_0, whose error "
+    "(N_0 - N)^T dlam is tangential and unseen by the residual (9.8e-4 here). Exact corrections were "
+    "tried: 15-19% fewer gradients on H-AlexNet, but on seed 1 the run took another branch at "
+    "s = 28.4 (direction 4.5e-4 off at 30), so they are not the default; see benchmarks/RESULTS.md"))
+def test_sliding_velocity_is_exact_when_the_stored_normals_are_stale():
+    """The Filippov velocity ``g - N^T (N N^T)^{-1} N g`` with the normals *at* ``W`` (dense
+    reference), from stored normals 1% stale and no multiplier guess."""
+    problem, w0 = relu_mlp(seed=0)
+    w = gd_to(problem, w0, 5.0)
+    dyn = SlidingFlow(problem, SLIDING)
+    ev = problem.evaluate(w)
+    field = dyn.field
+    for _ in range(200):
+        r = dyn.step(w, ev, target=30.0)
+        w, ev = r.w, r.ev
+        if len(field.sliding) >= 2 and bool((field.sliding.site > 0).any()):
+            break
+    assert bool((field.sliding.site > 0).any()), "no kink held beyond the first layer"
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+    stale = w + 0.01 * float(w.norm()) * noise / math.sqrt(w.numel())
+    _, _, sites = field.watch(stale)
+    field.refresh_normals(stale, sites)
+    field.forget_multipliers()
+    point = field.evaluate(w)
+    assert field.last_residual <= field.tolerance  # the residual certifies the point ...
+    wg, log_risk, _, mode = field._forward(w, field.sliding, graph=True)
+    (g,) = torch.autograd.grad(log_risk, wg)
+    N, _ = field.normals_at(w, mode.sites)
+    want = g - N.T @ torch.linalg.solve(N @ N.T, N @ g)
+    error = float((point.v - want).norm() / want.norm())
+    assert math.isfinite(error) and error < 1e-6, error  # ... yet the velocity is off
+
+
 def test_explicit_pair_resumes_exactly_after_a_projection():
     """On a ReLU MLP the second layer's normals depend on W: a checkpoint taken after a capture
     must recompute them where they were computed (before the projection), or the resumed run
