@@ -33,14 +33,17 @@ def test_step_size_is_the_accepted_step_and_is_logged(tmp_path):
     X, y = separable_gaussian(30, 3, 0.1, seed=2)
     model = DeepLinear(3, (4,), init_scale=1.0, generator=torch.Generator().manual_seed(0)).double()
     problem = Problem(model, X, y, "logistic", degree=2)
-    dyn = NormalizedGD(problem, apply_overrides(TrainConfig(), ["max_update_ratio=0.05"]))
-    w = problem.flat_params()
-    ev = problem.evaluate(w)
-    for _ in range(40):
-        r = dyn.step(w, ev)
-        taken = float((r.w - w).norm() / ev.grad.norm())
-        assert math.isclose(dyn.step_size, taken, rel_tol=1e-12), (dyn.step_size, taken)
-        w, ev = r.w, r.ev
+    from diralign.dynamics.loss_based import LossBasedGD
+
+    gd = NormalizedGD(problem, apply_overrides(TrainConfig(), ["max_update_ratio=0.05"]))
+    for dyn in (gd, LossBasedGD(problem, TrainConfig())):  # loss-based: its alpha, after rollbacks too
+        w = problem.flat_params()
+        ev = problem.evaluate(w)
+        for _ in range(40):
+            r = dyn.step(w, ev)
+            taken = float((r.w - w).norm() / ev.grad.norm())
+            assert math.isclose(dyn.step_size, taken, rel_tol=1e-12), (type(dyn).__name__, dyn.step_size, taken)
+            w, ev = r.w, r.ev
     summary, _, _ = start_run("linear", ["dynamics=gd", "eta_growth=1", "eta=0.3", "target_ln_n_over_L=6"],
                               tmp_path / "run", quiet=True)
     log = Run(tmp_path / "run").log
