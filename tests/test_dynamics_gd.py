@@ -1,7 +1,18 @@
 """diralign.dynamics.gd: the paper's normalised GD."""
 
-import numpy as np
+import math
 
+import numpy as np
+import torch
+
+from diralign.config import TrainConfig, apply_overrides
+from diralign.data import separable_gaussian
+from diralign.dynamics.gd import NormalizedGD
+from diralign.dynamics.loss_based import LossBasedGD
+from diralign.models import DeepLinear
+from diralign.problem import Problem
+from diralign.rundir import schema
+from diralign.rundir.reader import Run
 from diralign.runner import start_run
 
 
@@ -18,23 +29,9 @@ def test_gd_reaches_target_and_never_logs_rejected_steps(tmp_path):
 def test_step_size_is_the_accepted_step_and_is_logged(tmp_path):
     """``step_size`` is the eta of the update just taken, ||W_new - W|| / ||grad log L||, whatever
     the cap and growth did to it; the log carries it from the first step on."""
-    import math
-
-    import torch
-
-    from diralign.config import TrainConfig, apply_overrides
-    from diralign.data import separable_gaussian
-    from diralign.dynamics.gd import NormalizedGD
-    from diralign.models import DeepLinear
-    from diralign.problem import Problem
-    from diralign.rundir import schema
-    from diralign.rundir.reader import Run
-
     X, y = separable_gaussian(30, 3, 0.1, seed=2)
     model = DeepLinear(3, (4,), init_scale=1.0, generator=torch.Generator().manual_seed(0)).double()
     problem = Problem(model, X, y, "logistic", degree=2)
-    from diralign.dynamics.loss_based import LossBasedGD
-
     gd = NormalizedGD(problem, apply_overrides(TrainConfig(), ["max_update_ratio=0.05"]))
     for dyn in (gd, LossBasedGD(problem, TrainConfig())):  # loss-based: its alpha, after rollbacks too
         w = problem.flat_params()
