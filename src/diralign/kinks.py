@@ -220,12 +220,26 @@ class KinkMode(TorchFunctionMode):
             o = self.sliding.o[pos].to(x.device)
             xf = x.reshape(-1)
             # On a tie the window's value is x_a (= x_b there) and its whole derivative goes to a.
-            out = out.reshape(-1).index_put((o,), xf[a]).view_as(out)
+            # Once per window: index_put's backward hands the full gradient to every duplicate
+            # index, so a window tied three ways (two kinks, one o) or named twice (the normals'
+            # forward holds an example's kinks and the requested ones) would pass its derivative
+            # to x_a twice.  Measured on H-AlexNet: normals 18% off the true ones, and the
+            # multiplier iteration contracting by only 6x per correction.
+            windows, first = _first_of_each(o)
+            out = out.reshape(-1).index_put((windows,), xf[a[first]]).view_as(out)
             self.h_parts.append((pos, xf[a] - xf[b]))
             self.signal_parts.append((pos, out, o))
         if self.record:
             self.sites.append(Site(k, "pool", x.detach(), argmax.detach(), out=out))
         return (out, ind) if want_indices else out
+
+
+def _first_of_each(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``index`` and, for each, the position of its first occurrence."""
+    values, inverse = torch.unique(index, return_inverse=True)
+    positions = torch.arange(index.numel(), device=index.device)
+    first = torch.full_like(values, index.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
+    return values, first
 
 
 def pattern_of(sites: list[Site]) -> dict:
