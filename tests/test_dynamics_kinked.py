@@ -213,6 +213,48 @@ def test_kink_mode_records_relu_and_pool_sites_and_holds_sliding_kinks():
     assert torch.allclose(out, plain)  # ... and the forward value is the network's own
 
 
+def test_pool_window_held_three_ways_passes_its_derivative_to_the_winner_once():
+    """Two kinks ``(a, b1, o)``, ``(a, b2, o)`` hold one window: its derivative goes to ``x_a``
+    with weight 1, not once per kink (index_put's backward hands every duplicate index the
+    full gradient); and the per-example normals equal the batched backward's rows."""
+    x = torch.tensor([[[[3.0, 1.0], [2.0, 0.5]]]], dtype=torch.float64, requires_grad=True)
+    held = KinkSet(torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([0, 0]))
+    mode = KinkMode(held)
+    with mode:
+        out = torch.nn.functional.max_pool2d(x, 2)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.reshape(-1).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert torch.equal(mode.h.detach(), torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+    problem, w = alexnet16(n=10)
+    probe = KinkMode()
+    with torch.no_grad(), probe:
+        problem.forward(w, problem.X)
+    pool, fc1 = probe.sites[1], probe.sites[4]
+    per_in, per_out = pool.z.numel() // problem.n, pool.argmax.numel() // problem.n
+    kinks = []
+    for example in range(problem.n):  # on each example: a window held three ways, two fc1 units
+        values = pool.z.reshape(-1)[pool.argmax.reshape(-1)]
+        o = example * per_out + int(torch.argmax(values[example * per_out:(example + 1) * per_out]))
+        a = int(pool.argmax.reshape(-1)[o])
+        entries = [e for e in range(per_in * example, per_in * (example + 1)) if e != a]
+        for b in (entries[0], entries[1]):
+            kinks.append((pool.index, a, b, o))
+        for unit in (0, 1):
+            kinks.append((fc1.index, example * (fc1.z.numel() // problem.n) + unit, -1, -1))
+    held = KinkSet(*(torch.tensor(c) for c in zip(*kinks)))
+    field = SlidingField(problem)
+    field.sliding = held
+    _, _, sites = field.watch(w)
+    rows, _ = field.normals_at(w, sites)
+    wg, _, _, mode = field._forward(w, held, graph=True)
+    eye = torch.eye(len(held), dtype=torch.float64)
+    (batched,) = torch.autograd.grad(mode.h, wg, grad_outputs=eye, is_grads_batched=True)
+    fc1_rows = held.b < 0
+    assert float(batched[fc1_rows].norm(dim=1).min()) > 0  # the fc1 normals pass through the window
+    assert float((rows - batched).norm() / batched.norm()) < 1e-13
+
+
 def test_sliding_velocity_is_the_projected_gradient_and_is_tangent():
     """On the surfaces ``z_a = 0`` the velocity is ``-P_T g``: against a dense projection built
     from the twin's normals by hand (``grad z_ij = x_i`` in neuron j's row)."""
