@@ -65,7 +65,7 @@ class FieldPoint:
     sites: list = field(default_factory=list)  # watch-list records of this forward
     grad_evals: float = 0.0  # gradient-equivalents spent on this point
     lam_in: Optional[dict] = None  # the multiplier prediction it started from (exact resume)
-    consistent: bool = True  # delta was computed with the final multipliers (within 1e-6 relative)
+    converged: bool = True  # the multipliers met the field's tolerance (theta is decided from them)
 
     @property
     def correct(self) -> int:
@@ -239,6 +239,7 @@ class SlidingField:
             delta.detach(),
             mode.sites,
             cost,
+            converged=converged,
         )
 
     def _first_site_is_linear(self, w: torch.Tensor) -> bool:

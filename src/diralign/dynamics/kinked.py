@@ -483,15 +483,13 @@ class SlidingFlow(Dynamics):
             excess = leave_measure(p.theta, p.delta)
             if not bool((excess > self.release_margin).any()):
                 break
-            if not p.consistent and not stuck:
-                # The backward signals delta (in theta = -lam/delta) came from the multipliers
-                # the point started from; upstream units' signals include the downstream
-                # kinks' lam (a chain of held units on one example), and right after a capture
-                # those were 0.  Evaluate again from the converged ones before deciding.
-                # Until that stops changing them: where the multipliers do not converge they
-                # are not kept, and the next evaluation starts from the same guess and ends the
-                # same (H-AlexNet seed 1, s = 26.31: one point evaluated 99 times per settle,
-                # 960 gradients, nothing released).
+            if not p.converged and not stuck:
+                # theta came from multipliers the corrections did not finish (they carry delta
+                # along, so a converged point is consistent): evaluate again from where they
+                # got, until that stops changing them.  Where they do not converge they are not
+                # kept, and the next evaluation starts from the same guess and ends the same
+                # (H-AlexNet seed 1, s = 26.31: one point evaluated 99 times per settle, 960
+                # gradients, nothing released).
                 q = self._eval(p.w)
                 cost += q.grad_evals
                 stuck = torch.equal(q.lam, p.lam)
