@@ -93,6 +93,11 @@ class SlidingField:
         self.gram_chol: Optional[torch.Tensor] = None  # Cholesky factor of N N^T (stale allowed)
         self.normals: Optional[torch.Tensor] = None  # N at the last refresh
         self.normals_w: Optional[torch.Tensor] = None
+        # The sliding set the normals were computed for (each example's rows in the context of
+        # its held kinks): releases drop rows without recomputing them, and a resumed run
+        # recomputes them for this set at normals_w, then drops the same rows.
+        self.normals_context: Optional[KinkSet] = None
+        self.normals_keys: list = []  # the kinks the rows of normals belong to, in order
         self.tolerance = 1e-7  # relative normal speed left in v (the dynamics sets 0.1 rtol)
         self._lam: Optional[torch.Tensor] = None
         self._lam_keys: list = []
@@ -153,7 +158,47 @@ class SlidingField:
             N = N[live]
         self.gram_chol = gram_cholesky(N)
         self.normals, self.normals_w = N, w.detach().clone()
+        self.normals_context = self.sliding
+        self.normals_keys = self.sliding.keys()
         return spent
+
+    def release(self, keep: torch.Tensor) -> None:
+        """Hold only the kinks at positions ``keep`` of the sliding set.  The stored normals
+        lose the released rows and the Gram is refactored from the rest, not recomputed (a
+        refresh is a backward per held kink on its example: ~3 gradients on H-AlexNet with 60
+        held, after each of ~80 releases per unit of s).  Rows on the released kink's example
+        may have changed (its unit now passes a derivative), but the Gram only preconditions
+        the multiplier iteration, whose corrections are exact, and where it stops contracting
+        the staleness check refreshes it."""
+        aligned = self.normals is not None and self.normals_keys == self.sliding.keys()
+        self.sliding = self.sliding.subset(keep)
+        if aligned and len(self.sliding):
+            self.normals = self.normals[keep]
+            self.normals_keys = self.sliding.keys()
+            self.gram_chol = gram_cholesky(self.normals)
+        else:
+            self.gram_chol = None
+
+    def restore_normals(self, w: torch.Tensor, context: Optional[KinkSet]) -> None:
+        """The stored normals as they were: computed at ``w`` for ``context``, then restricted
+        to the current sliding set (the rows releases kept).  For an exact resume."""
+        current, dropped = self.sliding, self.dropped
+        self.sliding = current if context is None else context
+        _, _, sites = self.watch(w)
+        self.refresh_normals(w, sites)
+        self.dropped = dropped  # (counted when the original run dropped them)
+        index = {k: i for i, k in enumerate(self.sliding.keys())}
+        rows = [index.get(k) for k in current.keys()]
+        if context is None:
+            return  # (the rows are the current set's own)
+        self.sliding = current
+        if any(i is None for i in rows):  # not a subset: the current set's own rows, then
+            self.refresh_normals(w, sites)
+            self.dropped = dropped
+            return
+        self.normals = self.normals[torch.tensor(rows, dtype=torch.long)]
+        self.normals_keys = current.keys()
+        self.gram_chol = gram_cholesky(self.normals) if len(rows) else None
 
     def evaluate(self, w: torch.Tensor) -> FieldPoint:
         lam_in = self.lam_state()

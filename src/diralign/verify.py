@@ -87,8 +87,8 @@ FULL = Profile(
             "surface_resolution=9",
             "contour_resolution=21",
         ],
-        "h-alexnet": GD
-        + ["model=h-alexnet", "subset=60", "dtype=float64", "target_ln_n_over_L=500", "loss=cross-entropy"],
+        "h-alexnet": SLIDING
+        + ["flow_from_ln=2", "model=h-alexnet", "subset=16", "dtype=float64", "target_ln_n_over_L=100", "loss=cross-entropy"],
         "counterexample": 1e8,
     },
 )

@@ -111,6 +111,7 @@ class SlidingFlow(Dynamics):
             # also where the normals went stale during the last evaluation: that evaluation,
             # redone on resume, must start from the normals it had (H-AlexNet: 1.7e-11 apart)
             "normals_w": field.normals_w if field.normals is not None else None,
+            "normals_context": None if field.normals is None or field.normals_context is None else field.normals_context.state(),
             "lam": field.lam_state(),
             "point_lam_in": None if self.point is None else self.point.lam_in,
             "probe_w": self._probe_w,
@@ -127,6 +128,8 @@ class SlidingFlow(Dynamics):
         field.sliding = KinkSet.from_state(state["sliding"])
         field.gram_chol = field.normals = None
         self._normals_w = state.get("normals_w")
+        context = state.get("normals_context")
+        self._normals_context = None if context is None else KinkSet.from_state(context)
         field.load_lam_state(state.get("lam"))
         self._resume_lam_in = state.get("point_lam_in")
         self._probe_w, self._probe_age = state.get("probe_w"), int(state.get("probe_age", 0))
@@ -152,9 +155,8 @@ class SlidingFlow(Dynamics):
         field = self.field
         normals_w = getattr(self, "_normals_w", None)
         if normals_w is not None and len(field.sliding):
-            _, _, sites = field.watch(normals_w)
-            field.refresh_normals(normals_w, sites)
-        self._normals_w = None
+            field.restore_normals(normals_w, getattr(self, "_normals_context", None))
+        self._normals_w = self._normals_context = None
         if self._probe_w is not None and self._probes is None:
             self._probes, _ = field.probe_normals(self._probe_w, seed=0)
         lam_in = getattr(self, "_resume_lam_in", None)
@@ -358,7 +360,12 @@ class SlidingFlow(Dynamics):
             # holds (``_resolve_window``), before any ordinary crossing.
             self.events["crossed"] += len(rising)
             for k in range(len(rising)):
-                p1, spent = self._resolve_window(p1, rising.subset(torch.tensor([k])))
+                kink = rising.subset(torch.tensor([k]))
+                if not len(window_entries(field.sliding, kink)):
+                    # resolving an earlier window settled, and that released this one's tie
+                    # (or its normal vanished): its plain max has it, as for any window
+                    continue
+                p1, spent = self._resolve_window(p1, kink)
                 cost += spent
             p, spent, _ = self._settle(p1)
             return p, cost + spent, True
@@ -395,7 +402,8 @@ class SlidingFlow(Dynamics):
         others = torch.ones(len(field.sliding), dtype=torch.bool)
         others[mine] = False
         base = field.sliding.subset(others.nonzero().flatten())
-        saved = (field.sliding, field.gram_chol, field.normals, field.normals_w, field.lam_state())
+        saved = (field.sliding, field.gram_chol, field.normals, field.normals_w, field.normals_context, field.normals_keys)
+        saved_lam = field.lam_state()
         cost = 0.0
         z = {s.index: s for s in p.sites}[site].z.reshape(-1)
         candidates = [tuple(c) for r in range(len(entries), 1, -1) for c in combinations(entries, r)]
@@ -420,8 +428,8 @@ class SlidingFlow(Dynamics):
             self.events["captured"] += len(rest)
             return q, cost
         # none holds: the window's plain max takes over
-        field.sliding, field.gram_chol, field.normals, field.normals_w = saved[:4]
-        field.load_lam_state(saved[4])
+        field.sliding, field.gram_chol, field.normals, field.normals_w, field.normals_context, field.normals_keys = saved
+        field.load_lam_state(saved_lam)
         q, spent = self._release(p, rising)
         return q, cost + spent
 
@@ -463,8 +471,7 @@ class SlidingFlow(Dynamics):
             )
             if not (b >= 0 and (st, o) in gone)
         ]
-        field.sliding = field.sliding.subset(torch.tensor(keep, dtype=torch.long))
-        field.gram_chol = None
+        field.release(torch.tensor(keep, dtype=torch.long))
         self.events["released"] += len(gone)
         q = self._eval(p.w)
         q, spent, _ = self._settle(q, q.grad_evals)
@@ -507,8 +514,7 @@ class SlidingFlow(Dynamics):
                 continue
             keep = torch.ones(len(field.sliding), dtype=torch.bool)
             keep[worst] = False
-            field.sliding = field.sliding.subset(keep.nonzero().flatten())
-            field.gram_chol = None
+            field.release(keep.nonzero().flatten())
             self.events["released"] += 1
             released = True
             w, spent = self._nudge(p, kink, side, float(p.h[worst]))
