@@ -35,11 +35,12 @@ FLOW = ["dynamics=flow", "threads=1", "rtol=1e-9", "atol=1e-13"]  # + integrator
 # ReLU kinks of the twin: the sliding (Filippov) flow, whose right-hand side is exact on the
 # switching surfaces where CVODE and dopri5 chatter (diralign.dynamics.kinked).
 SLIDING = ["dynamics=flow", "integrator=sliding", "threads=1", "rtol=1e-6", "atol=1e-13"]
-# H-AlexNet runs the paper's normalised GD (updates capped at 1% of ||W||) until the sliding flow
-# can carry it.  From gd's point at ln(n/L) = 2, 16 digits at 32x32, the sliding flow got to 4.3
-# in 120 s (benchmarks/work_precision_h-alexnet-16.json); from 25 to 30 at 16x16 it takes
-# ~13,000 gradients.  The decade tests need two decades of ln(n/L), so the rows are INFO,
-# measured on gd rather than the flow (issue 12).
+# H-AlexNet: in the full profile the sliding flow, from gd's point at ln(n/L) = 2 (the early
+# transient, where nearly every kink moves) to 100 on 16 digits at 16x16: ~3,000 gradients per
+# unit of s at s = 10 and ~1,000 at 60-100 (benchmarks/kinked_rate.py), so the decade test's
+# two windows ([2, 20] and [10, 100]) cost ~1.5e5 gradients, about half an hour on one core.
+# The quick profile cannot afford that and runs the paper's normalised GD; its rows are INFO
+# there (measured on gd, not on the flow).
 GD = ["dynamics=gd", "threads=1", "max_update_ratio=0.01"]
 
 
