@@ -65,7 +65,6 @@ class FieldPoint:
     sites: list = field(default_factory=list)  # watch-list records of this forward
     grad_evals: float = 0.0  # gradient-equivalents spent on this point
     lam_in: Optional[dict] = None  # the multiplier prediction it started from (exact resume)
-    converged: bool = True  # the multipliers met the field's tolerance (theta is decided from them)
 
     @property
     def correct(self) -> int:
@@ -284,7 +283,6 @@ class SlidingField:
             delta.detach(),
             mode.sites,
             cost,
-            converged=converged,
         )
 
     def _first_site_is_linear(self, w: torch.Tensor) -> bool:
