@@ -386,7 +386,7 @@ class SlidingField:
     # -- normals and their Gram matrix ----------------------------------------------------
     def _gram(self, w: torch.Tensor, sites: list[Site]) -> tuple[torch.Tensor, float]:
         spent = 0.0
-        if self.gram_chol is None or self.gram_chol.shape[0] != len(self.sliding):
+        if self.gram_chol is None or self.normals_keys != self.sliding.keys():
             spent = self.refresh_normals(w, sites)
         return self.gram_chol, spent
 
