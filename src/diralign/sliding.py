@@ -22,8 +22,10 @@ directional derivative of ``h``: a forward finite difference, one forward pass. 
 evaluation is: forward + backward of ``log L`` (``g``, ``h``), forward at ``w + eps g``
 (``N g``), solve with ``N N^T``, backward of ``lam . h`` through the same graph (``N^T lam``):
 about 2 gradient evaluations.  ``N N^T`` itself comes from the normals, one backward per
-kink on its own example (``normals``), and is refreshed when the field's residual check
-says the stored one has gone stale.
+kink on its own example (``normals``), and is refreshed when the held set grows or the
+field's residual check says the stored one has gone stale; a release only drops its row.
+The Gram is the iteration's preconditioner: every correction ``N^T dlam`` is an exact backward
+pass, so a stale Gram slows the contraction and never biases the velocity.
 
 The multipliers also tell whether a kink keeps sliding: the weight ``theta`` of its
 positive side in the Filippov combination is ``-lam/delta`` (ReLU, whose side is fixed at
