@@ -573,7 +573,7 @@ def test_faithful_bias_free_relu_mlp(seed):
 
 @pytest.mark.slow
 def test_faithful_h_alexnet_16_digits_16x16():
-    """Issue 12's open case, from s = 25 to 26.5 (to 30 the default integrator takes ~9k
+    """Issue 12's open case, from s = 25 to 26.5 (to 30 the default integrator takes ~7k
     evaluations and the reference ~30k, over the suite's budget; see benchmarks/RESULTS.md):
     direction must hold there; alignment and the evaluation count, if off, are reported as the
     known gap."""

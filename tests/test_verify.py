@@ -89,8 +89,6 @@ def test_cli_refuses_a_non_empty_keep_folder(tmp_path, capsys):
     assert (tmp_path / "something").read_text() == "mine"
 
 
-
-
 def test_full_profile_runs_h_alexnet_on_the_sliding_flow(tmp_path):
     """The full profile's H-AlexNet rows are measured on the faithful dynamics (issue 12): gd
     for the transient, then the sliding flow from ln(n/L) = 2.  (Run here only a hair past the
