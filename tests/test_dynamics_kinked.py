@@ -372,6 +372,23 @@ def test_abort_is_checked_between_passes_inside_a_step(integrator):
     assert calls["n"] == 4  # the first pass after the request raised
 
 
+def resumed(dyn, problem):
+    """A fresh dynamics of the same kind, loaded from ``dyn``'s checkpoint."""
+    again = type(dyn)(problem, SLIDING)
+    again.load_state_dict(copy.deepcopy(dyn.state_dict()))
+    return again
+
+
+def assert_same_steps(dyn, again, w, ev, target, steps):
+    """``steps`` steps of the original and of the resumed dynamics land on the same points."""
+    wa, eva, wb, evb = w, ev, w, ev
+    for _ in range(steps):
+        a = dyn.step(wa, eva, target=target)
+        b = again.step(wb, evb, target=target)
+        assert torch.equal(a.w, b.w) and a.ev.log_risk == b.ev.log_risk
+        wa, eva, wb, evb = a.w, a.ev, b.w, b.ev
+
+
 @pytest.mark.parametrize("integrator", [SlidingCvode, SlidingFlow])
 def test_resumed_steps_equal_uninterrupted_ones(integrator):
     problem, w0 = relu_twin()
@@ -386,15 +403,8 @@ def test_resumed_steps_equal_uninterrupted_ones(integrator):
         if k >= 15 and mid_segment:
             break
     assert mid_segment
-    state = copy.deepcopy(dyn.state_dict())
-    again = integrator(problem, SLIDING)
-    again.load_state_dict(state)
-    wa, eva, wb, evb = w, ev, w, ev
-    for _ in range(3):
-        a = dyn.step(wa, eva, target=10.0)
-        b = again.step(wb, evb, target=10.0)
-        assert torch.equal(a.w, b.w) and a.ev.log_risk == b.ev.log_risk
-        wa, eva, wb, evb = a.w, a.ev, b.w, b.ev
+    again = resumed(dyn, problem)
+    assert_same_steps(dyn, again, w, ev, 10.0, steps=3)
     if integrator is SlidingCvode:
         assert again.replayed_grad_evals > 0  # the segment was replayed, not restarted
 
@@ -428,17 +438,10 @@ def test_resume_after_a_release_kept_the_stored_normals(integrator):
             break
     assert context_matters(), "no release upstream of a held kink in 300 steps"
     stored = field.normals.clone()
-    state = copy.deepcopy(dyn.state_dict())
-    again = integrator(problem, SLIDING)
-    again.load_state_dict(state)
+    again = resumed(dyn, problem)
     again.point = again._point_at(w, ev)  # what its first step does (kept for it)
     assert torch.equal(again.field.normals, stored)
-    wa, eva, wb, evb = w, ev, w, ev
-    for _ in range(2):
-        a = dyn.step(wa, eva, target=27.0)
-        b = again.step(wb, evb, target=27.0)
-        assert torch.equal(a.w, b.w) and a.ev.log_risk == b.ev.log_risk
-        wa, eva, wb, evb = a.w, a.ev, b.w, b.ev
+    assert_same_steps(dyn, again, w, ev, 27.0, steps=2)
 
 
 def test_sliding_velocity_is_exact_when_the_stored_normals_are_stale():
@@ -493,8 +496,7 @@ def test_explicit_pair_resumes_exactly_after_a_projection():
         if dyn.events["captured"] == captured:
             continue
         checked_after_capture += 1
-        again = SlidingFlow(problem, SLIDING)
-        again.load_state_dict(copy.deepcopy(dyn.state_dict()))
+        again = resumed(dyn, problem)
         a, b = copy.deepcopy(dyn).step(w, ev, target=25.0), again.step(w, ev, target=25.0)
         assert torch.equal(a.w, b.w), f"step {k}: {float((a.w - b.w).norm() / a.w.norm()):.2e} apart"
     assert checked_after_capture >= 2

@@ -188,10 +188,10 @@ class SlidingField:
         _, _, sites = self.watch(w)
         self.refresh_normals(w, sites)
         self.dropped = dropped  # (counted when the original run dropped them)
-        index = {k: i for i, k in enumerate(self.sliding.keys())}
-        rows = [index.get(k) for k in current.keys()]
         if context is None:
             return  # (the rows are the current set's own)
+        index = {k: i for i, k in enumerate(self.sliding.keys())}
+        rows = [index.get(k) for k in current.keys()]
         self.sliding = current
         if any(i is None for i in rows):  # not a subset: the current set's own rows, then
             self.refresh_normals(w, sites)
